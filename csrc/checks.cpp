@@ -1,0 +1,91 @@
+#include "checks.h"
+
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+
+namespace lrfuse {
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_like_param(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
+  const at::Tensor& p = a.params[i];
+  TORCH_CHECK(t.defined(), a.op, ": ", name, "[", i, "] is undefined; pass a tensor shaped like params[", i, "]");
+  TORCH_CHECK(t.layout() == at::kStrided, a.op, ": ", name, "[", i, "] is sparse; ",
+              "sparse tensors are not supported (use torch.optim.SparseAdam for sparse gradients)");
+  TORCH_CHECK(t.sizes() == p.sizes(), a.op, ": ", name, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", p.sizes(), "; they must match");
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), a.op, ": ", name, "[", i, "] is ", t.scalar_type(),
+              " but params[", i, "] is ", p.scalar_type(), "; cast it to the parameter's dtype");
+  TORCH_CHECK(t.device() == p.device(), a.op, ": ", name, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device(), "; move it to the parameter's device");
+}
+
+void check_scalar(const FusedArgs& a, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, a.op, ": ", name,
+              " must be a one-element float32 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
+  TORCH_CHECK(t.device() == device, a.op, ": ", name, " is on ", t.device(), " but params are on ",
+              device, "; move it to the parameters' device");
+}
+
+}  // namespace
+
+void check_fused_args(const FusedArgs& a) {
+  const size_t n = a.params.size();
+  auto check_len = [&](const char* name, size_t len) {
+    TORCH_CHECK(len == n, a.op, ": ", name, " has ", len, " entries but params has ", n,
+                "; pass one per parameter");
+  };
+  check_len("grads", a.grads.size());
+  for (const auto& [name, list] : a.states) check_len(name, list.size());
+  for (const auto& [name, list] : a.optional_states)
+    TORCH_CHECK(list.empty() || list.size() == n, a.op, ": ", name, " has ", list.size(),
+                " entries; pass none (feature off) or one per parameter (", n, ")");
+  check_len("steps", a.steps.size());
+  check_len("group_of", a.group_of.size());
+
+  TORCH_CHECK(a.hyper.scalar_type() == at::kDouble && a.hyper.dim() == 2 &&
+                  a.hyper.size(1) == a.hyper_columns && a.hyper.is_contiguous(),
+              a.op, ": hyper must be a contiguous float64 table of shape (groups, ", a.hyper_columns,
+              "), got ", a.hyper.scalar_type(), " of shape ", a.hyper.sizes());
+  if (n == 0) return;
+
+  const at::Device device = a.params[0].device();
+  TORCH_CHECK(a.hyper.device() == device, a.op, ": hyper is on ", a.hyper.device(),
+              " but params are on ", device, "; build the table on the parameters' device");
+  if (a.grad_scale) check_scalar(a, "grad_scale", *a.grad_scale, device);
+  if (a.found_inf) check_scalar(a, "found_inf", *a.found_inf, device);
+
+  std::vector<std::pair<const void*, size_t>> starts;
+  starts.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.defined() && p.layout() == at::kStrided, a.op, ": params[", i, "] must be a dense tensor");
+    TORCH_CHECK(!p.is_complex(), a.op, ": params[", i, "] is complex (", p.scalar_type(),
+                "); pass torch.view_as_real of the parameter, its gradient and its state");
+    TORCH_CHECK(supported_dtype(p.scalar_type()), a.op, ": params[", i, "] is ", p.scalar_type(),
+                "; supported dtypes are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(p.device() == device, a.op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+                device, "; all tensors of one call must share a device (call once per device)");
+    TORCH_CHECK(a.group_of[i] >= 0 && a.group_of[i] < a.hyper.size(0), a.op, ": group_of[", i, "] is ",
+                a.group_of[i], " but hyper has ", a.hyper.size(0), " rows");
+    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, a.op, ": params[", i,
+                "] has overlapping memory (an expanded view); pass a tensor that owns each element");
+    check_like_param(a, "grads", a.grads[i], i);
+    for (const auto& [name, list] : a.states) check_like_param(a, name, list[i], i);
+    for (const auto& [name, list] : a.optional_states)
+      if (!list.empty()) check_like_param(a, name, list[i], i);
+    check_scalar(a, "steps[i]", a.steps[i], device);
+    if (p.numel() > 0) starts.emplace_back(p.data_ptr(), i);
+  }
+  // A parameter passed twice would be updated twice.
+  std::sort(starts.begin(), starts.end());
+  for (size_t k = 1; k < starts.size(); ++k)
+    TORCH_CHECK(starts[k].first != starts[k - 1].first, a.op, ": params[", starts[k - 1].second,
+                "] and params[", starts[k].second, "] share memory; pass each parameter once");
+}
+
+}  // namespace lrfuse

@@ -1,0 +1,30 @@
+// Argument checks shared by every backend. They run before a kernel writes anything, so a bad
+// call leaves parameters and state untouched, and each message names the argument and the fix.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <utility>
+#include <vector>
+
+namespace lrfuse {
+
+using NamedList = std::pair<const char*, at::TensorList>;
+
+struct FusedArgs {
+  const char* op;
+  at::TensorList params;
+  at::TensorList grads;
+  std::vector<NamedList> states;           // one tensor per parameter
+  std::vector<NamedList> optional_states;  // empty, or one tensor per parameter
+  at::TensorList steps;
+  at::IntArrayRef group_of;
+  const at::Tensor& hyper;
+  int64_t hyper_columns;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+void check_fused_args(const FusedArgs& a);
+
+}  // namespace lrfuse

@@ -1,0 +1,169 @@
+"""The fused step shared by FusedAdam, FusedAdamW and FusedRMSprop.
+
+Each fused class is ``FusedX(_FusedStep, torch.optim.X)``: the torch class gives the constructor,
+defaults, validation, ``param_groups`` and ``state_dict`` layout, so they are torch's by
+construction; this mixin replaces ``step`` with one native call per device that covers every
+parameter group. Per-group values reach the kernel through a float64 hyper table, one row per
+group (columns in :mod:`lrfuse.ops`), so a changed learning rate costs nothing but a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Call:
+    """The lists of one native call: the tensors of one device sharing one state layout."""
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[list[Tensor]] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    group_of: list[int] = field(default_factory=list)
+
+
+class _FusedStep:
+    """Mixed in before a ``torch.optim`` class; subclasses set the class attributes below."""
+
+    # GradScaler hands `grad_scale` / `found_inf` to step() instead of unscaling itself.
+    _step_supports_amp_scaling = True
+
+    _op: Callable[..., None]                # lrfuse.ops.fused_*_
+    _columns: tuple[str, ...]               # hyper-table columns, in the op's order
+    _state_keys: tuple[str, ...]            # always present, in the op's order
+    _optional_state_keys: tuple[str, ...]   # present when _uses() says so, in the op's order
+
+    @property
+    def _all_state_keys(self) -> tuple[str, ...]:
+        return self._state_keys + self._optional_state_keys
+
+    def _row(self, group: dict) -> list:
+        """The group's hyper-table row, in ``_columns`` order."""
+        raise NotImplementedError
+
+    def _uses(self, group: dict) -> tuple[bool, ...]:
+        """Which optional state keys the group keeps."""
+        raise NotImplementedError
+
+    def __init__(self, params, *args, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        name = type(self).__name__
+        for group in self.param_groups:
+            if group.get("differentiable"):
+                torch_name = next(b.__name__ for b in type(self).__mro__ if b.__module__.startswith("torch.optim"))
+                raise ValueError(f"{name} does not support differentiable=True; use torch.optim.{torch_name} for that")
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch itself rejects a set
+            param_group["params"] = params = list(params)
+        seen: set[int] = set()
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
+            if isinstance(p, Tensor):
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {i} of a group is listed twice; "
+                        "pass each parameter once (it would be updated twice per step)")
+                seen.add(id(p))
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {i} has dtype {p.dtype}; "
+                        "only floating-point and complex parameters can be optimized")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Performs a single optimization step, every parameter group in one native call per device.
+
+        Args:
+            closure: A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        calls = self._plan()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for (device, uses), call in calls.items():
+            type(self)._op(
+                call.params, call.grads, *call.states, call.steps, call.group_of, self._hyper(device),
+                None if grad_scale is None else grad_scale.to(device),
+                None if found_inf is None else found_inf.to(device),
+            )
+        return loss
+
+    def _plan(self) -> dict[tuple[torch.device, tuple[bool, ...]], _Call]:
+        """Checks every gradient, then creates missing state, then sorts tensors into calls.
+
+        Nothing is modified until every check has passed.
+        """
+        name = type(self).__name__
+        todo: list[tuple[int, Tensor]] = []
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
+                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                    raise RuntimeError(
+                        f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not "
+                        f"match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device}); "
+                        "a gradient must have its parameter's shape, dtype and device")
+                todo.append((g, p))
+
+        calls: dict[tuple[torch.device, tuple[bool, ...]], _Call] = {}
+        for g, p in todo:
+            group = self.param_groups[g]
+            uses = self._uses(group)
+            active = (True,) * len(self._state_keys) + uses
+            state = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on])
+            call = calls.get((p.device, uses))
+            if call is None:
+                # One list per state key in the op's order; an unused optional key stays empty.
+                call = calls[(p.device, uses)] = _Call(states=[[] for _ in self._all_state_keys])
+            real = torch.view_as_real if p.is_complex() else (lambda t: t)
+            call.params.append(real(p))
+            call.grads.append(real(p.grad))
+            for lst, key, on in zip(call.states, self._all_state_keys, active):
+                if on:
+                    lst.append(real(state[key]))
+            call.steps.append(state["step"])
+            call.group_of.append(g)
+        return calls
+
+    def _state_for(self, p: Tensor, keys: Sequence[str]) -> dict:
+        """The parameter's state with `step` and ``keys``, created as torch would."""
+        state = self.state[p]
+        step = state.get("step")
+        if step is None:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif not isinstance(step, Tensor) or step.device != p.device or step.dtype != torch.float32:
+            # torch keeps `step` on the CPU for its for-loop path; the kernel reads it on the device.
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _hyper(self, device: torch.device) -> Tensor:
+        """The hyper table on ``device``, rebuilt only when a group's value changed."""
+        rows = tuple(tuple(self._row(group)) for group in self.param_groups)
+        if any(isinstance(v, Tensor) for row in rows for v in row):
+            # Tensor values (an lr tensor) are read on the device: no host sync, and a compiled
+            # step sees a changed value without recompiling.
+            return torch.stack([
+                torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in row]) for row in rows
+            ])
+        cache = self.__dict__.setdefault("_hyper_cache", {})  # also after unpickling
+        cached = cache.get(device)
+        if cached is None or cached[0] != rows:
+            cached = cache[device] = (rows, torch.tensor(rows, dtype=torch.float64, device=device))
+        return cached[1]

@@ -1,0 +1,52 @@
+"""FusedAdam and FusedAdamW: torch.optim.Adam / AdamW with every group updated in one native call."""
+
+from __future__ import annotations
+
+import torch
+
+from lrfuse import ops
+from lrfuse.optim._base import _FusedStep
+
+__all__ = ["FusedAdam", "FusedAdamW"]
+
+
+class _AdamStep(_FusedStep):
+    _op = staticmethod(ops.fused_adam_)
+    _columns = ops.ADAM_COLUMNS
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _optional_state_keys = ("max_exp_avg_sq",)
+
+    def _row(self, group: dict) -> list:
+        beta1, beta2 = group["betas"]
+        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                float(group["maximize"]), float(group["decoupled_weight_decay"])]
+
+    def _uses(self, group: dict) -> tuple[bool, ...]:
+        return (bool(group["amsgrad"]),)
+
+
+class FusedAdam(_AdamStep, torch.optim.Adam):
+    r"""``torch.optim.Adam`` whose step updates all parameter groups in one native call per device.
+
+    Arguments, defaults, errors and ``state_dict`` are ``torch.optim.Adam``'s; swapping the class
+    name is the whole migration. For each parameter, with :math:`\gamma` the group's lr:
+
+    .. math::
+        g_t &\leftarrow \pm \nabla_\theta f_t(\theta_{t-1}) / \text{grad\_scale}
+              \;(+\,\lambda\theta_{t-1} \text{ unless decoupled}) \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &\leftarrow \theta_{t-1}(1 - \gamma\lambda \text{ if decoupled})
+              - \frac{\gamma}{1-\beta_1^t}\, \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``foreach`` and ``fused`` are accepted and ignored: the step is always lrfuse's fused kernel.
+    ``differentiable=True`` is not supported.
+    """
+
+
+class FusedAdamW(_AdamStep, torch.optim.AdamW):
+    """``torch.optim.AdamW`` (decoupled weight decay, default 1e-2) as one native call per device.
+
+    Same update as :class:`FusedAdam` with ``decoupled_weight_decay=True``.
+    """

@@ -1,0 +1,72 @@
+"""Builds lrfuse._C: the CPU kernels always, the CUDA kernels too when torch is a CUDA build and
+nvcc is found (no GPU needed). LRFUSE_CUDA=0 leaves CUDA out; LRFUSE_CUDA=1 makes its absence an
+error. Install with `pip install --no-build-isolation -e .` to compile against the torch in use."""
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup
+
+
+def nvcc_toolkit() -> str | None:
+    """The toolkit folder of the nvcc on PATH. That nvcc may be a wrapper script, from whose
+    location torch would guess the wrong folder, so ask nvcc itself."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, check=False)
+    found = re.search(r"^#\$ _HERE_=(.+)$", dry.stderr, re.MULTILINE)
+    return str(Path(found.group(1)).parent) if found else None
+
+
+WANT_CUDA = os.environ.get("LRFUSE_CUDA", "auto")
+if WANT_CUDA != "0" and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    toolkit = nvcc_toolkit()
+    if toolkit:
+        os.environ["CUDA_HOME"] = toolkit  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = Path(__file__).parent
+with_cuda = WANT_CUDA != "0" and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+if WANT_CUDA == "1" and not with_cuda:
+    raise RuntimeError(f"LRFUSE_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc was not found")
+
+sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+cxx_flags = [
+    "-O3",
+    "-fopenmp",          # at::parallel_for; links the libgomp torch already loaded
+    "-fno-math-errno",   # lets sqrt vectorize; results unchanged
+    "-ffp-contract=off",  # no FMA contraction: the same rounding on every instruction-set variant
+    f"-DLRFUSE_WITH_CUDA={int(with_cuda)}",
+]
+extension = cpp_extension.CppExtension
+extra = {"cxx": cxx_flags}
+include_dirs = [str(ROOT / "csrc")]
+if with_cuda:
+    extension = cpp_extension.CUDAExtension
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", f"-DLRFUSE_WITH_CUDA=1"]
+    # torch's headers include CUDA library headers (cusparse.h) that pip's nvidia packages ship
+    # and a bare toolkit may lack.
+    site = Path(sysconfig.get_paths()["purelib"])
+    include_dirs += [str(p) for p in sorted(site.glob("nvidia/cu*/include"))]
+
+setup(
+    ext_modules=[
+        extension(
+            "lrfuse._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
