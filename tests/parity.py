@@ -1,0 +1,80 @@
+"""Runs a fused optimizer beside its torch.optim for-loop oracle and compares every step.
+
+Shared by the CPU and CUDA parity tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import lrfuse
+
+PAIRS = {
+    "adam": (lrfuse.FusedAdam, torch.optim.Adam),
+    "adamw": (lrfuse.FusedAdamW, torch.optim.AdamW),
+    "rmsprop": (lrfuse.FusedRMSprop, torch.optim.RMSprop),
+}
+
+# torch's default float32 tolerances.
+FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
+
+GradRule = Callable[[int, int], bool]  # (step, tensor index) -> has a gradient this step
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A trainable leaf that keeps ``t``'s strides (so views stay non-contiguous)."""
+    return t.detach().requires_grad_()
+
+
+def clone_like(t: torch.Tensor) -> torch.Tensor:
+    """An exact copy with the same strides."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return leaf(out.copy_(t))
+
+
+def run_parity(
+    name: str,
+    groups: list[dict],
+    steps: int = 20,
+    has_grad: GradRule = lambda step, i: True,
+    grad_like: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tol: dict | None = None,
+    **defaults,
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Steps the fused optimizer and ``torch.optim`` (foreach=False) on identical copies.
+
+    After every step, parameters and every state tensor must agree. ``grad_like(p)`` makes a
+    gradient for ``p`` (default: random, contiguous); both optimizers get identical values.
+    """
+    fused_cls, torch_cls = PAIRS[name]
+    tol = tol or FP32
+    ref_groups = [{**g, "params": [clone_like(p) for p in g["params"]]} for g in groups]
+    fused = fused_cls(groups, **defaults)
+    oracle = torch_cls(ref_groups, foreach=False, **defaults)
+    params = [p for g in fused.param_groups for p in g["params"]]
+    ref_params = [p for g in oracle.param_groups for p in g["params"]]
+    make_grad = grad_like or (lambda p: torch.randn_like(p, memory_format=torch.contiguous_format))
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            if has_grad(step, i):
+                p.grad = make_grad(p)
+                q.grad = torch.empty_strided(p.grad.shape, p.grad.stride(), dtype=p.dtype, device=q.device)
+                q.grad.copy_(p.grad)
+            else:
+                p.grad = q.grad = None
+        fused.step()
+        oracle.step()
+        assert_same(fused, oracle, params, ref_params, tol, f"{name} step {step}")
+    return fused, oracle
+
+
+def assert_same(fused, oracle, params, ref_params, tol, where: str) -> None:
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p, q.to(p.device), **tol, msg=lambda m: f"{where}, param {i}: {m}")
+        mine, theirs = fused.state.get(p, {}), oracle.state.get(q, {})
+        assert mine.keys() == theirs.keys(), f"{where}, param {i}: state keys {mine.keys()} != {theirs.keys()}"
+        for key, value in theirs.items():
+            torch.testing.assert_close(mine[key].cpu(), value.cpu(), **tol,
+                                       msg=lambda m: f"{where}, param {i}, state {key!r}: {m}")

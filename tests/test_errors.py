@@ -1,0 +1,143 @@
+"""Bad input: a clear error naming the argument and the fix, and nothing half-updated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrfuse
+from parity import leaf
+
+
+def snapshot(opt):
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, before):
+    params, state = before
+    now = [p for g in opt.param_groups for p in g["params"]]
+    for p, b in zip(now, params):
+        assert torch.equal(p.detach(), b)
+    assert {id(p) for p in opt.state} == set(state)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]), k
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"eps": -1.0}, "Invalid epsilon value"),
+        ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+        ({"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ({"differentiable": True}, "FusedAdam does not support differentiable=True; use torch.optim.Adam"),
+    ],
+)
+def test_constructor_validation_is_torchs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lrfuse.FusedAdam([leaf(torch.randn(3))], **kwargs)
+
+
+def test_rmsprop_constructor_validation_is_torchs():
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        lrfuse.FusedRMSprop([leaf(torch.randn(3))], alpha=-0.5)
+
+
+def test_parameter_listed_twice_in_a_group():
+    p = leaf(torch.randn(3))
+    with pytest.raises(ValueError, match="listed twice; pass each parameter once"):
+        lrfuse.FusedAdam([p, p])
+
+
+def test_parameter_in_two_groups():
+    p = leaf(torch.randn(3))
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        lrfuse.FusedAdamW([{"params": [p]}, {"params": [p]}])
+
+
+def test_integer_parameter():
+    with pytest.raises(ValueError, match="only floating-point and complex parameters"):
+        lrfuse.FusedRMSprop([torch.zeros(3, dtype=torch.int64)])
+
+
+def trained_optimizer():
+    a, b = leaf(torch.randn(4, 3)), leaf(torch.randn(5))
+    opt = lrfuse.FusedAdam([{"params": [a]}, {"params": [b], "lr": 0.1}], amsgrad=True)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    return opt, a, b
+
+
+def test_sparse_gradient_updates_nothing():
+    opt, a, b = trained_optimizer()
+    before = snapshot(opt)
+    a.grad = torch.randn_like(a)  # valid, in the first group: must not be applied either
+    b.grad = torch.randn(5).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_parameter_resized_after_its_gradient_updates_nothing():
+    """Model surgery through `.data` can leave a gradient of the old shape behind."""
+    opt, a, b = trained_optimizer()
+    a.grad = torch.randn_like(a)
+    b.grad = torch.randn_like(b)
+    b.data = torch.randn(6)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(5,\).* does not match its parameter \(\(6,\)"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+# The native op checks its own arguments too, for direct callers.
+
+def op_args(n=2):
+    params = [torch.randn(4, 3) for _ in range(n)]
+    return dict(
+        params=params,
+        grads=[torch.randn_like(p) for p in params],
+        exp_avgs=[torch.zeros_like(p) for p in params],
+        exp_avg_sqs=[torch.zeros_like(p) for p in params],
+        max_exp_avg_sqs=[],
+        steps=[torch.zeros(()) for _ in params],
+        group_of=[0] * n,
+        hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0]], dtype=torch.float64),
+    )
+
+
+native = pytest.mark.skipif(lrfuse.ops.backend("cpu") != "native", reason="lrfuse._C is not built")
+
+
+@native
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a["grads"].pop(), "grads has 1 entries but params has 2; pass one per parameter"),
+        (lambda a: a.update(max_exp_avg_sqs=[torch.zeros(4, 3)]),
+         r"max_exp_avg_sqs has 1 entries; pass none \(feature off\) or one per parameter"),
+        (lambda a: a.update(hyper=a["hyper"].float()), "hyper must be a contiguous float64 table"),
+        (lambda a: a["group_of"].__setitem__(1, 3), r"group_of\[1\] is 3 but hyper has 1 rows"),
+        (lambda a: a["grads"].__setitem__(1, torch.randn(3, 4)), r"grads\[1\] has shape \[3, 4\] but params\[1\]"),
+        (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(4, 3, dtype=torch.float64)),
+         r"exp_avgs\[0\] is Double but params\[0\] is Float; cast it"),
+        (lambda a: a["params"].__setitem__(1, a["params"][0]), r"params\[0\] and params\[1\] share memory"),
+        (lambda a: a["params"].__setitem__(1, torch.randn(1, 3).expand(4, 3)), "overlapping memory"),
+        (lambda a: a["params"].__setitem__(0, torch.randn(4, 3, dtype=torch.complex64)), "view_as_real"),
+        (lambda a: a["steps"].__setitem__(0, torch.zeros(2)), "one-element float32 tensor"),
+    ],
+)
+def test_op_rejects_bad_arguments_before_writing(change, match):
+    args = op_args()
+    change(args)
+    params_before = [p.clone() for p in args["params"]]
+    steps_before = [s.clone() for s in args["steps"]]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lrfuse.fused_adam_(**args)
+    for p, b in zip(args["params"], params_before):
+        assert torch.equal(p, b)
+    for s, b in zip(args["steps"], steps_before):
+        assert torch.equal(s, b)
