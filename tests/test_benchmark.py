@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark harness: it runs and reports every workload and optimizer.
+
+Timings never decide pass/fail; only the shape of the report is checked.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lrfuse import benchmark
+
+
+def test_quick_run_reports_every_workload_and_optimizer(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(["--quick", "--min-run-time", "0.002", "--bandwidth-numel", "65536",
+                         "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    seen = {(e["workload"], e["optimizer"]) for e in result["rows"]}
+    assert seen == {(w, o) for w in benchmark.WORKLOADS for o in benchmark.OPTIMIZERS}
+    for e in result["rows"]:
+        impls = set(e["times"])
+        assert {"lrfuse", "forloop", "foreach"} <= impls
+        assert ("fused" in impls) == (e["optimizer"] != "FusedRMSprop")
+        assert all(t["median_s"] > 0 for t in e["times"].values())
+        assert set(e["ratios"]) == (impls - {"lrfuse"}) | {"best"}
+    assert result["bandwidth"]["gbps"] > 0
+    assert result["machine"]["cpu_isa"]
+    assert "| workload |" in capsys.readouterr().out
+
+
+def test_unknown_workload_is_rejected():
+    with pytest.raises(SystemExit):
+        benchmark.main(["--workloads", "huge"])
+
+
+def test_workload_sizes_match_the_design():
+    assert benchmark.make_workload("large").num_params == 16_777_216
+    many = benchmark.make_workload("many_groups")
+    assert (many.num_tensors, len(many.groups)) == (2000, 200)
+    assert len({lr for lr, _ in many.groups}) == 200
+    assert benchmark.make_workload("resnet_like").num_tensors == 161
+    assert benchmark.make_workload("tiny").num_params == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    llrd = benchmark.make_workload("llrd")
+    assert len(llrd.groups) == 13 and llrd.num_tensors == 2 + 12 * 12
+
+
+def test_compare_step_time_leaves_params_alone():
+    params = [torch.randn(64, 32), torch.randn(32)]
+    before = [p.clone() for p in params]
+    times = benchmark.compare_step_time(params, steps=2)
+    assert {"lrfuse.FusedAdam", "torch.optim.Adam(foreach=False)", "torch.optim.Adam(foreach=True)"} <= set(times)
+    assert all(t > 0 for t in times.values())
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
