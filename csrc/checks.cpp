@@ -14,8 +14,8 @@ bool supported_dtype(at::ScalarType t) {
 void check_like_param(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
   const at::Tensor& p = a.params[i];
   TORCH_CHECK(t.defined(), a.op, ": ", name, "[", i, "] is undefined; pass a tensor shaped like params[", i, "]");
-  TORCH_CHECK(t.layout() == at::kStrided, a.op, ": ", name, "[", i, "] is sparse; ",
-              "sparse tensors are not supported (use torch.optim.SparseAdam for sparse gradients)");
+  TORCH_CHECK(t.layout() == at::kStrided, a.op, ": ", name, "[", i, "] is sparse; lrfuse does not support sparse gradients ",
+              "or state (for sparse gradients use torch.optim.SparseAdam)");
   TORCH_CHECK(t.sizes() == p.sizes(), a.op, ": ", name, "[", i, "] has shape ", t.sizes(),
               " but params[", i, "] has shape ", p.sizes(), "; they must match");
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), a.op, ": ", name, "[", i, "] is ", t.scalar_type(),

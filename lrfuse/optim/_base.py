@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lrfuse import ops
+
 
 @dataclass
 class _Call:
@@ -25,6 +27,18 @@ class _Call:
     states: list[list[Tensor]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     group_of: list[int] = field(default_factory=list)
+    grad_index: list[int] = field(default_factory=list)  # where each gradient sits in the step's flat list
+    complex_at: list[int] = field(default_factory=list)  # entries passed through view_as_real
+
+
+@dataclass
+class _Plan:
+    """The calls of a step, reusable while ``key`` and the state objects stay as they were."""
+
+    calls: dict[tuple[torch.device, tuple[bool, ...]], _Call]
+    owners: list[tuple[Tensor, dict]]  # each planned parameter and its state dict
+    checked_natively: bool             # one native call, whose own checks run before any write
+    key: tuple = ()
 
 
 class _FusedStep:
@@ -87,7 +101,7 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls = self._plan()
+        calls = self._calls()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for (device, uses), call in calls.items():
@@ -98,46 +112,82 @@ class _FusedStep:
             )
         return loss
 
-    def _plan(self) -> dict[tuple[torch.device, tuple[bool, ...]], _Call]:
-        """Checks every gradient, then creates missing state, then sorts tensors into calls.
+    def _calls(self) -> dict[tuple[torch.device, tuple[bool, ...]], _Call]:
+        """The native calls of this step.
 
-        Nothing is modified until every check has passed.
+        Building them costs microseconds per tensor, so the plan is kept while the groups, which
+        parameters have a gradient, and the state objects stay the same (torch and Lightning
+        replace a parameter's state dict, never a tensor inside it); then only the gradients,
+        which backward may replace every step, are refreshed.
         """
-        name = type(self).__name__
-        todo: list[tuple[int, Tensor]] = []
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
-                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
-                    raise RuntimeError(
-                        f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not "
-                        f"match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device}); "
-                        "a gradient must have its parameter's shape, dtype and device")
-                todo.append((g, p))
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
+            return self._build(grads).calls
+        key = (
+            id(self.state),
+            tuple((id(g["params"]), len(g["params"]), self._uses(g)) for g in self.param_groups),
+            tuple(g is not None for g in grads),
+        )
+        plan: _Plan | None = self.__dict__.get("_plan_cache")
+        if plan is None or plan.key != key or any(self.state.get(p) is not s for p, s in plan.owners):
+            plan = self._build(grads)
+            plan.key = key
+            self.__dict__["_plan_cache"] = plan
+            return plan.calls
+        # A sparse gradient would dispatch the op away from its native checks: look for it here.
+        if not plan.checked_natively or any(g is not None and g.is_sparse for g in grads):
+            self._check_grads(grads)
+        for call in plan.calls.values():
+            call.grads = [grads[j] for j in call.grad_index]
+            for k in call.complex_at:
+                call.grads[k] = torch.view_as_real(call.grads[k])
+        return plan.calls
 
+    def _check_grads(self, grads: list[Tensor | None]) -> None:
+        """Raises before anything is modified if a gradient cannot be applied."""
+        name = type(self).__name__
+        params = (p for group in self.param_groups for p in group["params"])
+        for p, grad in zip(params, grads):
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
+            if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                raise RuntimeError(
+                    f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not "
+                    f"match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device}); "
+                    "a gradient must have its parameter's shape, dtype and device")
+
+    def _build(self, grads: list[Tensor | None]) -> _Plan:
+        """Checks every gradient, then creates missing state, then sorts tensors into calls."""
+        self._check_grads(grads)
         calls: dict[tuple[torch.device, tuple[bool, ...]], _Call] = {}
-        for g, p in todo:
-            group = self.param_groups[g]
-            uses = self._uses(group)
+        owners: list[tuple[Tensor, dict]] = []
+        params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
+        for j, ((g, p), grad) in enumerate(zip(params, grads)):
+            if grad is None:
+                continue
+            uses = self._uses(self.param_groups[g])
             active = (True,) * len(self._state_keys) + uses
             state = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on])
+            owners.append((p, state))
             call = calls.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
                 call = calls[(p.device, uses)] = _Call(states=[[] for _ in self._all_state_keys])
             real = torch.view_as_real if p.is_complex() else (lambda t: t)
+            if p.is_complex():
+                call.complex_at.append(len(call.params))
             call.params.append(real(p))
-            call.grads.append(real(p.grad))
+            call.grads.append(real(grad))
+            call.grad_index.append(j)
             for lst, key, on in zip(call.states, self._all_state_keys, active):
                 if on:
                     lst.append(real(state[key]))
             call.steps.append(state["step"])
             call.group_of.append(g)
-        return calls
+        native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
+        return _Plan(calls=calls, owners=owners, checked_natively=native)
 
     def _state_for(self, p: Tensor, keys: Sequence[str]) -> dict:
         """The parameter's state with `step` and ``keys``, created as torch would."""
