@@ -1,0 +1,76 @@
+"""The call plan kept between steps must never act on stale tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import lrfuse
+from parity import FP32, assert_same, clone_like, leaf
+
+
+def pair(lr=1e-2):
+    torch.manual_seed(0)
+    params = [leaf(torch.randn(6, 5)), leaf(torch.randn(5))]
+    ref = [clone_like(p) for p in params]
+    return params, ref, lrfuse.FusedAdam(params, lr=lr), torch.optim.Adam(ref, lr=lr, foreach=False)
+
+
+def step_both(params, ref, fused, oracle, where):
+    for p, q in zip(params, ref):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    fused.step()
+    oracle.step()
+    assert_same(fused, oracle, params, ref, FP32, where)
+
+
+def test_load_state_dict_into_a_stepped_optimizer():
+    params, ref, fused, oracle = pair()
+    for i in range(3):
+        step_both(params, ref, fused, oracle, f"before load {i}")
+    # Rewind both to an earlier optimizer state: the fused one must use the loaded tensors.
+    other = lrfuse.FusedAdam([clone_like(p) for p in params], lr=1e-2)
+    for p in other.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    other.step()
+    # Deep copies: load_state_dict keeps the given tensors, which the two must not share.
+    fused.load_state_dict(copy.deepcopy(other.state_dict()))
+    oracle.load_state_dict(copy.deepcopy(other.state_dict()))
+    for i in range(3):
+        step_both(params, ref, fused, oracle, f"after load {i}")
+
+
+def test_state_replaced_per_parameter_as_lightning_moves_it():
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    for p in params:  # what Lightning's optimizer_to_device does: a new dict of new tensors
+        fused.state[p] = {k: v.clone() for k, v in fused.state[p].items()}
+    for i in range(3):
+        step_both(params, ref, fused, oracle, f"after move {i}")
+
+
+def test_param_group_added_mid_training():
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    extra = leaf(torch.randn(4, 4))
+    extra_ref = clone_like(extra)
+    fused.add_param_group({"params": [extra], "lr": 0.1})
+    oracle.add_param_group({"params": [extra_ref], "lr": 0.1})
+    for i in range(3):
+        step_both(params + [extra], ref + [extra_ref], fused, oracle, f"after add {i}")
+
+
+def test_amsgrad_switched_on_between_steps():
+    """A structural change of a group (new state appears) rebuilds the plan."""
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    fused.param_groups[0]["amsgrad"] = True
+    for p in params:
+        assert "max_exp_avg_sq" not in fused.state[p]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    fused.step()
+    for p in params:
+        assert fused.state[p]["max_exp_avg_sq"].shape == p.shape
