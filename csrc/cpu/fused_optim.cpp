@@ -14,57 +14,137 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
-// The element loops. With kContiguous every stride is 1 and the loop vectorizes; the clones
-// give AVX-512, AVX2 and baseline versions, picked for the running processor.
-template <typename scalar_t, bool kContiguous>
-LRFUSE_CPU_CLONES void adam_loop(int64_t n, std::array<scalar_t*, kMaxOperands> ptr, const int64_t* stride,
-                                 const AdamConsts<at::opmath_type<scalar_t>> c, const float* grad_scale) {
+// The element loops. The contiguous loops take every feature switch (amsgrad, weight-decay mode,
+// momentum, centered) as a template argument, so the loop body has no branch and no conditional
+// load and GCC vectorizes it; the clones give AVX-512, AVX2 and baseline versions, picked for the
+// running processor. `maximize` is a multiply by -1 and a missing grad_scale a divide by 1: both
+// exact, so the result is the per-element rule's bit for bit. The strided loops (transposed or
+// sliced tensors, rare) keep the switches at run time.
+
+// Weight decay of Adam: none, added to the gradient (Adam), or decoupled (AdamW).
+enum class Decay : int { none, l2, decoupled };
+
+template <typename scalar_t, bool kAmsgrad, Decay kDecay>
+LRFUSE_CPU_CLONES void adam_flat(int64_t n, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                 scalar_t* __restrict__ m, scalar_t* __restrict__ v,
+                                 scalar_t* __restrict__ vmax, AdamConsts<at::opmath_type<scalar_t>> c,
+                                 at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* __restrict__ p = ptr[0];
-  const scalar_t* __restrict__ g = ptr[1];
-  scalar_t* __restrict__ m = ptr[2];
-  scalar_t* __restrict__ v = ptr[3];
-  scalar_t* __restrict__ vmax = ptr[4];
-  const int64_t sp = kContiguous ? 1 : stride[0], sg = kContiguous ? 1 : stride[1],
-                sm = kContiguous ? 1 : stride[2], sv = kContiguous ? 1 : stride[3],
-                sx = kContiguous ? 1 : stride[4];
-  const opmath_t scale = grad_scale ? opmath_t(*grad_scale) : opmath_t(1);
+  const opmath_t sign = c.maximize ? opmath_t(-1) : opmath_t(1);
+  c.maximize = false;
+  c.amsgrad = kAmsgrad;
+  c.has_weight_decay = kDecay != Decay::none;
+  c.decoupled = kDecay == Decay::decoupled;
   for (int64_t i = 0; i < n; ++i) {
-    opmath_t pi = p[i * sp], gi = g[i * sg], mi = m[i * sm], vi = v[i * sv];
-    opmath_t xi = c.amsgrad ? opmath_t(vmax[i * sx]) : opmath_t(0);
-    if (grad_scale) gi = gi / scale;
+    opmath_t pi = p[i], gi = g[i], mi = m[i], vi = v[i];
+    opmath_t xi = kAmsgrad ? opmath_t(vmax[i]) : opmath_t(0);
+    gi = gi / scale * sign;
     adam_update(pi, gi, mi, vi, xi, c);
-    p[i * sp] = pi;
-    m[i * sm] = mi;
-    v[i * sv] = vi;
-    if (c.amsgrad) vmax[i * sx] = xi;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (kAmsgrad) vmax[i] = xi;
   }
 }
 
-template <typename scalar_t, bool kContiguous>
-LRFUSE_CPU_CLONES void rmsprop_loop(int64_t n, std::array<scalar_t*, kMaxOperands> ptr, const int64_t* stride,
-                                    const RMSpropConsts<at::opmath_type<scalar_t>> c, const float* grad_scale) {
+template <typename scalar_t, bool kMomentum, bool kCentered, bool kWeightDecay>
+LRFUSE_CPU_CLONES void rmsprop_flat(int64_t n, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                    scalar_t* __restrict__ sq, scalar_t* __restrict__ buf,
+                                    scalar_t* __restrict__ ga, RMSpropConsts<at::opmath_type<scalar_t>> c,
+                                    at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* __restrict__ p = ptr[0];
-  const scalar_t* __restrict__ g = ptr[1];
-  scalar_t* __restrict__ sq = ptr[2];
-  scalar_t* __restrict__ buf = ptr[3];
-  scalar_t* __restrict__ ga = ptr[4];
-  const int64_t sp = kContiguous ? 1 : stride[0], sg = kContiguous ? 1 : stride[1],
-                ss = kContiguous ? 1 : stride[2], sb = kContiguous ? 1 : stride[3],
-                sa = kContiguous ? 1 : stride[4];
-  const opmath_t scale = grad_scale ? opmath_t(*grad_scale) : opmath_t(1);
+  const opmath_t sign = c.maximize ? opmath_t(-1) : opmath_t(1);
+  c.maximize = false;
+  c.has_momentum = kMomentum;
+  c.centered = kCentered;
+  c.has_weight_decay = kWeightDecay;
   for (int64_t i = 0; i < n; ++i) {
-    opmath_t pi = p[i * sp], gi = g[i * sg], si = sq[i * ss];
-    opmath_t bi = c.has_momentum ? opmath_t(buf[i * sb]) : opmath_t(0);
-    opmath_t ai = c.centered ? opmath_t(ga[i * sa]) : opmath_t(0);
-    if (grad_scale) gi = gi / scale;
+    opmath_t pi = p[i], gi = g[i], si = sq[i];
+    opmath_t bi = kMomentum ? opmath_t(buf[i]) : opmath_t(0);
+    opmath_t ai = kCentered ? opmath_t(ga[i]) : opmath_t(0);
+    gi = gi / scale * sign;
     rmsprop_update(pi, gi, si, bi, ai, c);
-    p[i * sp] = pi;
-    sq[i * ss] = si;
-    if (c.has_momentum) buf[i * sb] = bi;
-    if (c.centered) ga[i * sa] = ai;
+    p[i] = pi;
+    sq[i] = si;
+    if (kMomentum) buf[i] = bi;
+    if (kCentered) ga[i] = ai;
   }
+}
+
+template <typename scalar_t>
+void adam_strided(int64_t n, std::array<scalar_t*, kMaxOperands> ptr, const int64_t* stride,
+                  const AdamConsts<at::opmath_type<scalar_t>>& c, at::opmath_type<scalar_t> scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t *p = ptr[0], *m = ptr[2], *v = ptr[3], *vmax = ptr[4];
+  const scalar_t* g = ptr[1];
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t pi = p[i * stride[0]], gi = g[i * stride[1]], mi = m[i * stride[2]], vi = v[i * stride[3]];
+    opmath_t xi = c.amsgrad ? opmath_t(vmax[i * stride[4]]) : opmath_t(0);
+    gi = gi / scale;
+    adam_update(pi, gi, mi, vi, xi, c);
+    p[i * stride[0]] = pi;
+    m[i * stride[2]] = mi;
+    v[i * stride[3]] = vi;
+    if (c.amsgrad) vmax[i * stride[4]] = xi;
+  }
+}
+
+template <typename scalar_t>
+void rmsprop_strided(int64_t n, std::array<scalar_t*, kMaxOperands> ptr, const int64_t* stride,
+                     const RMSpropConsts<at::opmath_type<scalar_t>>& c, at::opmath_type<scalar_t> scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t *p = ptr[0], *sq = ptr[2], *buf = ptr[3], *ga = ptr[4];
+  const scalar_t* g = ptr[1];
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t pi = p[i * stride[0]], gi = g[i * stride[1]], si = sq[i * stride[2]];
+    opmath_t bi = c.has_momentum ? opmath_t(buf[i * stride[3]]) : opmath_t(0);
+    opmath_t ai = c.centered ? opmath_t(ga[i * stride[4]]) : opmath_t(0);
+    gi = gi / scale;
+    rmsprop_update(pi, gi, si, bi, ai, c);
+    p[i * stride[0]] = pi;
+    sq[i * stride[2]] = si;
+    if (c.has_momentum) buf[i * stride[3]] = bi;
+    if (c.centered) ga[i * stride[4]] = ai;
+  }
+}
+
+// A pointer to the flat loop for one combination of switches, chosen once per call.
+template <typename scalar_t>
+using AdamFlat = void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
+                          AdamConsts<at::opmath_type<scalar_t>>, at::opmath_type<scalar_t>);
+
+template <typename scalar_t, bool kAmsgrad>
+AdamFlat<scalar_t> pick_adam(Decay decay) {
+  switch (decay) {
+    case Decay::none: return &adam_flat<scalar_t, kAmsgrad, Decay::none>;
+    case Decay::l2: return &adam_flat<scalar_t, kAmsgrad, Decay::l2>;
+    default: return &adam_flat<scalar_t, kAmsgrad, Decay::decoupled>;
+  }
+}
+
+template <typename scalar_t>
+AdamFlat<scalar_t> pick_adam(bool amsgrad, Decay decay) {
+  return amsgrad ? pick_adam<scalar_t, true>(decay) : pick_adam<scalar_t, false>(decay);
+}
+
+template <typename scalar_t>
+using RMSpropFlat = void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
+                             RMSpropConsts<at::opmath_type<scalar_t>>, at::opmath_type<scalar_t>);
+
+template <typename scalar_t, bool kMomentum, bool kCentered>
+RMSpropFlat<scalar_t> pick_rmsprop(bool weight_decay) {
+  return weight_decay ? &rmsprop_flat<scalar_t, kMomentum, kCentered, true>
+                      : &rmsprop_flat<scalar_t, kMomentum, kCentered, false>;
+}
+
+template <typename scalar_t>
+RMSpropFlat<scalar_t> pick_rmsprop(bool momentum, bool centered, bool weight_decay) {
+  if (momentum) {
+    return centered ? pick_rmsprop<scalar_t, true, true>(weight_decay)
+                    : pick_rmsprop<scalar_t, true, false>(weight_decay);
+  }
+  return centered ? pick_rmsprop<scalar_t, false, true>(weight_decay)
+                  : pick_rmsprop<scalar_t, false, false>(weight_decay);
 }
 
 // Checks done; an inf/NaN found by GradScaler skips the whole step, `step` included.
@@ -106,9 +186,16 @@ void fused_adam_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Te
   plan.run([&](size_t i, int64_t lo, int64_t hi) {
     const double* row = table + group_of[i] * adam_col::count;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[i].scalar_type(), "fused_adam_cpu", [&] {
-      const auto c = adam_consts<at::opmath_type<scalar_t>>(row, step[i], amsgrad);
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto c = adam_consts<opmath_t>(row, step[i], amsgrad);
+      const opmath_t scale_value = scale ? opmath_t(*scale) : opmath_t(1);
+      const Decay decay = !c.has_weight_decay ? Decay::none : c.decoupled ? Decay::decoupled : Decay::l2;
       Plan::for_each_run<scalar_t>(plan.walk(i), lo, hi, [&](auto contiguous, int64_t n, auto ptrs, const int64_t* s) {
-        adam_loop<scalar_t, decltype(contiguous)::value>(n, ptrs, s, c, scale);
+        if constexpr (decltype(contiguous)::value) {
+          pick_adam<scalar_t>(amsgrad, decay)(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c, scale_value);
+        } else {
+          adam_strided<scalar_t>(n, ptrs, s, c, scale_value);
+        }
       });
     });
   });
@@ -131,9 +218,16 @@ void fused_rmsprop_cpu(TensorList params, TensorList grads, TensorList square_av
   plan.run([&](size_t i, int64_t lo, int64_t hi) {
     const double* row = table + group_of[i] * rmsprop_col::count;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[i].scalar_type(), "fused_rmsprop_cpu", [&] {
-      const auto c = rmsprop_consts<at::opmath_type<scalar_t>>(row, centered, momentum);
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto c = rmsprop_consts<opmath_t>(row, centered, momentum);
+      const opmath_t scale_value = scale ? opmath_t(*scale) : opmath_t(1);
       Plan::for_each_run<scalar_t>(plan.walk(i), lo, hi, [&](auto contiguous, int64_t n, auto ptrs, const int64_t* s) {
-        rmsprop_loop<scalar_t, decltype(contiguous)::value>(n, ptrs, s, c, scale);
+        if constexpr (decltype(contiguous)::value) {
+          pick_rmsprop<scalar_t>(momentum, centered, c.has_weight_decay)(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3],
+                                                                        ptrs[4], c, scale_value);
+        } else {
+          rmsprop_strided<scalar_t>(n, ptrs, s, c, scale_value);
+        }
       });
     });
   });
