@@ -1,0 +1,210 @@
+"""The Lightning side of the LR range test: one training step at a given LR, and a snapshot that
+puts everything back afterwards.
+
+The sweep does not run Lightning's fit loop (which would advance ``global_step``, epochs, loop
+progress and call every callback); it drives the strategy directly, one batch per step:
+``strategy.training_step`` (through the DDP wrapper, so gradients are synchronised),
+``strategy.backward`` and ``strategy.optimizer_step`` (precision plugin, gradient clipping and
+AMP scaling as in training). Other callbacks are detached while it runs, ``self.log`` is a no-op,
+and a :class:`Snapshot` taken before restores weights, gradients, optimizer state and groups,
+LR schedulers, module train/eval flags and RNG state afterwards, in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import CombinedLoader
+
+from lrfuse.lr_range import LRRangeResult, range_test
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+def set_group_lr(group: dict, lr: float) -> None:
+    """Set a group's LR, in place when it is a tensor (compiled steps and lrfuse read it there)."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+@dataclass
+class Snapshot:
+    """Everything an LR sweep can change, copied in memory; :meth:`restore` writes it back."""
+
+    tensors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    grads: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+    training: list[tuple[torch.nn.Module, bool]] = field(default_factory=list)
+    optimizers: list[tuple[torch.optim.Optimizer, dict, list[dict]]] = field(default_factory=list)
+    schedulers: list[tuple[Any, dict]] = field(default_factory=list)
+    rng: dict = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, trainer: pl.Trainer, model: pl.LightningModule) -> Snapshot:
+        snap = cls()
+        seen: set[int] = set()
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                snap.tensors.append((t, t.detach().clone()))
+        snap.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+        snap.training = [(m, m.training) for m in model.modules()]
+        for opt in trainer.optimizers:
+            # Keyed by the parameter objects themselves: the optimizer keeps referring to them.
+            state = {p: {k: _clone(v) for k, v in s.items()} for p, s in opt.state.items()}
+            groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            snap.optimizers.append((opt, state, groups))
+        snap.schedulers = [(cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()))
+                           for cfg in trainer.lr_scheduler_configs]
+        snap.rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            snap.rng["cuda"] = torch.cuda.get_rng_state_all()
+        return snap
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, saved in self.tensors:
+            t.copy_(saved)
+        for p, g in self.grads:
+            p.grad = None if g is None else g.clone()
+        for m, flag in self.training:
+            m.training = flag
+        for opt, state, groups in self.optimizers:
+            opt.state.clear()
+            for p, s in state.items():
+                opt.state[p] = {k: _clone(v) for k, v in s.items()}
+            for group, saved in zip(opt.param_groups, groups):
+                for k in [k for k in group if k != "params" and k not in saved]:
+                    del group[k]
+                for k, v in saved.items():
+                    if isinstance(v, Tensor) and isinstance(group.get(k), Tensor):
+                        group[k].copy_(v)  # keep the tensor object others may hold
+                    else:
+                        group[k] = _clone(v)
+        for scheduler, state in self.schedulers:
+            scheduler.load_state_dict(copy.deepcopy(state))
+        random.setstate(self.rng["python"])
+        np.random.set_state(self.rng["numpy"])
+        torch.set_rng_state(self.rng["torch"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
+
+
+def _batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int]]:
+    """Training batches, cycling when the loader runs out before the sweep does."""
+    fit_loop = trainer.fit_loop
+    fit_loop.setup_data()  # idempotent: fit reuses the same loaders afterwards
+    iterables = trainer.train_dataloader
+    if iterables is None:
+        raise RuntimeError("LRFinder found no training dataloader; pass train_dataloaders or a datamodule to fit")
+    loader = iterables if isinstance(iterables, torch.utils.data.DataLoader) else CombinedLoader(iterables, "max_size_cycle")
+    idx = 0
+    while True:
+        empty = True
+        iterator = iter(loader)
+        for batch in iterator:
+            if isinstance(loader, CombinedLoader):
+                batch = batch[0]
+            empty = False
+            yield batch, idx
+            idx += 1
+        if empty:
+            raise RuntimeError("LRFinder: the training dataloader is empty")
+
+
+def _loss_of(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    raise ValueError(
+        "LRFinder needs training_step to return the loss (a tensor, or a dict with a 'loss' tensor); "
+        f"it returned {type(output).__name__}")
+
+
+def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int = 0, min_lr: float, max_lr: float,
+          num_steps: int, mode: str, diverge_factor: float, method: str, bandwidth: float,
+          progress: Callable[[int, float, float], None] | None = None) -> tuple[LRRangeResult, list[float], float]:
+    """Run the range test on the trainer's optimizer ``optimizer_idx`` and restore everything.
+
+    Every group's LR is ``lr * base[g] / reference`` during the sweep, where ``base`` are the
+    groups' LRs before it and ``reference = max(base)``, so the ratios between groups survive.
+
+    Returns:
+        ``(result, base, reference)``.
+
+    Raises:
+        ValueError: for manual optimization, a missing optimizer or groups whose LRs are all 0.
+    """
+    if not model.automatic_optimization:
+        raise ValueError("LRFinder needs automatic optimization (the sweep steps the optimizer itself); "
+                         "set self.automatic_optimization = True or run the range test by hand with "
+                         "lrfuse.lr_range.range_test")
+    if not trainer.optimizers or optimizer_idx >= len(trainer.optimizers):
+        raise ValueError(f"LRFinder: optimizer_idx={optimizer_idx} but configure_optimizers returned "
+                         f"{len(trainer.optimizers)} optimizer(s)")
+    optimizer = trainer.optimizers[optimizer_idx]
+    base = [float(g["lr"]) for g in optimizer.param_groups]
+    reference = max(base)
+    if reference <= 0:
+        raise ValueError(f"LRFinder: every parameter group has lr <= 0 ({base}); give the optimizer a positive "
+                         "lr (its value only sets the ratios between groups)")
+    strategy = trainer.strategy
+    snapshot = Snapshot.take(trainer, model)
+    callbacks = trainer.callbacks
+    patched = {name: model.__dict__.get(name) for name in ("log", "log_dict")}
+    try:
+        trainer.callbacks = []  # no other callback sees the sweep's steps
+        model.log = lambda *args, **kwargs: None  # the sweep's metrics must not reach the trainer
+        model.log_dict = lambda *args, **kwargs: None
+        model.train()
+        batches = _batches(trainer)
+
+        def step(lr: float) -> float:
+            for group, b in zip(optimizer.param_groups, base):
+                set_group_lr(group, lr * b / reference)
+            batch, idx = next(batches)
+            batch = strategy.batch_to_device(batch)
+            losses: list[Tensor] = []
+
+            def closure() -> Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = _loss_of(strategy.training_step(batch, idx))
+                strategy.backward(loss, optimizer)
+                losses.append(loss.detach())
+                return loss
+
+            with torch.enable_grad():
+                strategy.optimizer_step(optimizer, closure, model)
+            # Every rank decides on the same number: the mean loss over ranks.
+            mean = strategy.reduce(losses[-1].float(), reduce_op="mean")
+            return float(mean)
+
+        result = range_test(step, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode,
+                            diverge_factor=diverge_factor, method=method, bandwidth=bandwidth,
+                            should_stop=lambda stop: strategy.reduce_boolean_decision(stop, all=False),
+                            progress=progress)
+        result = strategy.broadcast(result)  # identical on every rank, whatever happened
+    finally:
+        trainer.callbacks = callbacks
+        for name, value in patched.items():
+            if value is None:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = value
+        snapshot.restore()
+    return result, base, reference

@@ -1,0 +1,234 @@
+"""``LRFinder``: an LR range test at the start of fit, and :func:`find_lr` to run one on demand.
+
+The callback is thin: the sweep and restore live in :mod:`lrfuse.lightning._sweep`, the curve
+math in :mod:`lrfuse.lr_range`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import _TunerExitException
+from typing_extensions import override
+
+from lrfuse.lightning._sweep import set_group_lr, sweep
+from lrfuse.lr_range import METHODS, LRRangeResult
+
+__all__ = ["LRFinder", "apply_lr", "find_lr"]
+
+_LR_ATTRS = ("lr", "learning_rate")
+
+
+def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, reference: float | None = None,
+             attr_name: str | None = None, optimizer_idx: int = 0) -> list[str]:
+    """Apply ``lr`` (the LR of the reference group) to the optimizer, its schedulers and the model.
+
+    The optimizer's whole LR system is scaled by ``lr / reference``: every group's LR (so the
+    ratios between groups stay), its ``initial_lr``, and the ``base_lrs`` / last LRs of torch LR
+    schedulers attached to it, so a schedule continues from the new LR. The model gets ``lr`` in
+    ``attr_name`` when given, else in ``model.lr`` / ``model.learning_rate`` and
+    ``model.hparams.lr`` / ``learning_rate`` where present, so that ``configure_optimizers`` of a
+    later fit uses it too.
+
+    Returns:
+        Where the value went (for messages), e.g. ``["optimizer 0 (3 groups)", "model.lr"]``.
+
+    Raises:
+        AttributeError: if ``attr_name`` names an attribute the model does not have.
+    """
+    places = []
+    if attr_name and not (hasattr(model, attr_name) or attr_name in getattr(model, "hparams", {})):
+        raise AttributeError(f"LRFinder(attr_name={attr_name!r}): the model has no attribute or hparam "
+                             f"{attr_name!r}; use one of its attributes, or leave attr_name=None")
+    if trainer is not None and trainer.optimizers and reference:
+        optimizer = trainer.optimizers[optimizer_idx]
+        ratio = lr / reference
+        for group in optimizer.param_groups:
+            set_group_lr(group, float(group["lr"]) * ratio)
+            if "initial_lr" in group:
+                group["initial_lr"] = float(group["initial_lr"]) * ratio
+        for cfg in trainer.lr_scheduler_configs:
+            scheduler = cfg.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer:
+                for name in ("base_lrs", "_last_lr"):
+                    values = getattr(scheduler, name, None)
+                    if isinstance(values, list):
+                        setattr(scheduler, name, [float(v) * ratio for v in values])
+        n = len(optimizer.param_groups)
+        places.append(f"optimizer {optimizer_idx} ({n} group{'s' if n != 1 else ''})")
+    names = [attr_name] if attr_name else list(_LR_ATTRS)
+    for name in names:
+        if name in vars(model) or isinstance(getattr(type(model), name, None), property):
+            setattr(model, name, lr)
+            places.append(f"model.{name}")
+        hparams = getattr(model, "hparams", None)
+        if hparams is not None and name in hparams:
+            hparams[name] = lr
+            places.append(f"model.hparams.{name}")
+    return places
+
+
+class LRFinder(Callback):
+    """Find a learning rate with a range test at the start of ``fit``, then train with it.
+
+    The LR rises from ``min_lr`` to ``max_lr`` over ``num_steps`` training steps (one batch each);
+    the loss is recorded, smoothed without lag, and a suggestion is taken from it
+    (:func:`lrfuse.lr_range.suggest`). Every parameter group's LR is its base LR times one common
+    factor, so layer-wise ratios survive; the suggestion is applied the same way. Afterwards the
+    weights (bit for bit), optimizer state, LR schedulers, RNG state and trainer counters are as
+    before, also when the sweep raises. Nothing is written to disk except the optional plot.
+
+    The result is kept in :attr:`result` (an :class:`~lrfuse.lr_range.LRRangeResult`); when no
+    suggestion can be made the LR is left alone and a warning says why. Under DDP the loss is
+    averaged over ranks and every rank takes the same decisions. The sweep is skipped when fit
+    resumes past step 0 (a checkpoint's LR is kept).
+
+    Args:
+        min_lr, max_lr: the range swept (for the group with the largest base LR).
+        num_steps: steps of the sweep (at most; it stops early on divergence).
+        mode: ``"exponential"`` (default) or ``"linear"`` spacing of the LRs.
+        method: suggestion method: ``auto``, ``steepest``, ``valley`` or ``min10``.
+        diverge_factor: stop when the smoothed loss exceeds this multiple of the best.
+        bandwidth: smoothing width, a fraction of the number of points.
+        apply: apply the suggestion to the optimizer and the model's LR attribute.
+        attr_name: the model attribute / hparam that holds the LR (default: ``lr`` or ``learning_rate``).
+        optimizer_idx: which optimizer to sweep.
+        plot_path: write the plot (matplotlib) to this file; loggers that take images get it too.
+        verbose: print the suggestion and show the sweep's progress (rank 0).
+
+    Raises:
+        ValueError: on invalid arguments (at construction) and when the model cannot be swept.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[lrfuse.LRFinder(max_lr=1.0, plot_path="lr.png")])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # trains with the suggested LR  # doctest: +SKIP
+
+        From the command line: ``--trainer.callbacks+=lrfuse.LRFinder --trainer.callbacks.num_steps=80``.
+    """
+
+    def __init__(self, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,
+                 mode: Literal["exponential", "linear"] = "exponential",
+                 method: Literal["auto", "steepest", "valley", "min10"] = "auto", diverge_factor: float = 4.0,
+                 bandwidth: float = 0.05, apply: bool = True, attr_name: str | None = None, optimizer_idx: int = 0,
+                 plot_path: str | None = None, verbose: bool = False) -> None:
+        if not 0 < min_lr < max_lr:
+            raise ValueError(f"LRFinder needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        if num_steps < 2:
+            raise ValueError(f"LRFinder needs num_steps >= 2, got {num_steps}")
+        if mode not in ("exponential", "linear"):
+            raise ValueError(f"LRFinder mode must be 'exponential' or 'linear', got {mode!r}")
+        if method not in METHODS:
+            raise ValueError(f"LRFinder method must be one of {', '.join(METHODS)}, got {method!r}")
+        if diverge_factor <= 1:
+            raise ValueError(f"LRFinder diverge_factor must be > 1, got {diverge_factor}")
+        self.min_lr, self.max_lr, self.num_steps, self.mode = min_lr, max_lr, num_steps, mode
+        self.method, self.diverge_factor, self.bandwidth = method, diverge_factor, bandwidth
+        self.apply, self.attr_name, self.optimizer_idx = apply, attr_name, optimizer_idx
+        self.plot_path, self.verbose = plot_path, verbose
+        self.result: LRRangeResult | None = None
+        self._exit_after = False  # set by find_lr: stop fit once the sweep is done
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and not self._exit_after:
+            rank_zero_info("LRFinder: fit resumes at step > 0; keeping the checkpoint's learning rate")
+            return
+        self.run(trainer, pl_module)
+        if self._exit_after:
+            raise _TunerExitException()
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LRRangeResult:
+        """Run the range test now (the trainer must be set up, e.g. inside ``on_fit_start``)."""
+        bar = self._progress_bar(trainer)
+        progress = None
+        if bar is not None:
+            def progress(i: int, lr: float, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
+        try:
+            result, base, reference = sweep(
+                trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
+                num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
+                bandwidth=self.bandwidth, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.result = result
+        if result.lr is None:
+            rank_zero_warn(f"LRFinder: {result.reason}. The learning rate is left unchanged.")
+        elif self.apply:
+            places = apply_lr(trainer, pl_module, result.lr, reference, self.attr_name, self.optimizer_idx)
+            if self.verbose:
+                rank_zero_info(f"LRFinder: {result.summary()}; applied to {', '.join(places)}")
+        if self.plot_path is not None and trainer.is_global_zero:
+            self._plot(trainer, result)
+        return result
+
+    def _progress_bar(self, trainer: pl.Trainer):
+        if not (self.verbose and trainer.is_global_zero):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.num_steps, desc="LR range test", leave=False, dynamic_ncols=True)
+
+    def _plot(self, trainer: pl.Trainer, result: LRRangeResult) -> None:
+        try:
+            fig = result.plot(self.plot_path)
+        except ImportError as error:
+            rank_zero_warn(f"LRFinder: no plot ({error})")
+            return
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard
+                experiment.add_figure("lr_finder", fig, global_step=trainer.global_step)
+            elif hasattr(logger, "log_image"):  # W&B, Neptune, Comet ...
+                logger.log_image(key="lr_finder", images=[os.fspath(self.plot_path)])
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+    @override
+    def state_dict(self) -> dict:
+        if self.result is None:
+            return {}
+        return {"lr": self.result.lr, "low": self.result.low, "high": self.result.high, "method": self.result.method,
+                "reason": self.result.reason}
+
+
+def find_lr(trainer: pl.Trainer, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,
+            datamodule: pl.LightningDataModule | None = None, **finder_kwargs) -> LRRangeResult:
+    """Run an LR range test on demand (without training) and return its result.
+
+    Sets up ``trainer`` for fit, sweeps, restores everything, applies the suggestion to the model's
+    LR attribute (``apply=True``) so that the next ``trainer.fit`` trains with it, and stops.
+
+    Args:
+        trainer: a trainer that has not started fitting this model.
+        model: the LightningModule.
+        train_dataloaders, val_dataloaders, datamodule: as for ``trainer.fit``.
+        finder_kwargs: arguments of :class:`LRFinder`.
+
+    Raises:
+        ValueError: if ``trainer`` already holds an :class:`LRFinder` callback (it would sweep twice),
+            and as :class:`LRFinder`.
+
+    Example:
+        >>> result = find_lr(Trainer(max_epochs=5), model, datamodule=dm)  # doctest: +SKIP
+        >>> print(result.summary()); result.plot("lr.png")  # doctest: +SKIP
+    """
+    if any(isinstance(cb, LRFinder) for cb in trainer.callbacks):
+        raise ValueError("find_lr: the trainer already has an LRFinder callback; remove it or just call trainer.fit")
+    finder = LRFinder(**finder_kwargs)
+    finder._exit_after = True
+    trainer.callbacks.append(finder)
+    try:
+        trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)
+    finally:
+        trainer.callbacks.remove(finder)
+    assert finder.result is not None
+    return finder.result
