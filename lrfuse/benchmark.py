@@ -126,7 +126,16 @@ def _median_time(fn: Callable[[], object], device: torch.device, min_run_time: f
     """Median seconds of one call of ``fn`` (torch.utils.benchmark synchronizes CUDA)."""
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    return {"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times), "per_run": m.number_per_run}
+    return {"median_s": m.median, "min_s": min(m.times), "iqr_s": m.iqr, "runs": len(m.times),
+            "per_run": m.number_per_run, "times": list(m.times)}
+
+
+def _pool(rounds: list[dict]) -> dict:
+    """One result from several rounds: the median over every block of every round."""
+    times = [t for r in rounds for t in r["times"]]
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "iqr_s": q[2] - q[0],
+            "runs": len(times), "round_medians_s": [r["median_s"] for r in rounds]}
 
 
 def _fresh_groups(work: Workload, device: torch.device, seed: int) -> list[dict]:
@@ -177,22 +186,32 @@ def time_step(optimizer: str, impl: str, work: Workload, device: torch.device, m
 def measure_bandwidth(device: torch.device, numel: int, min_run_time: float, threads: int) -> dict:
     """Memory bandwidth in GB/s of a streaming update far larger than the caches.
 
-    CPU: ``x.add_(y)`` reads x and y and writes x (12 bytes per element), like the optimizer's
-    in-place read+write of state. CUDA: a device-to-device copy (8 bytes per element).
+    CPU: ``x.add_(y)`` reads x and y and writes x (12 bytes per element, no write-allocate
+    traffic since x is read first), like the optimizer's in-place read+write of its state. It runs
+    with one thread and with ``threads``; the higher is the machine's bandwidth (on a small or
+    shared machine one thread can already saturate memory, and a second one only contends).
+    CUDA: a device-to-device copy (8 bytes per element).
     """
     x = torch.randn(numel, device=device)
     y = torch.randn(numel, device=device)
     if device.type == "cuda":
         fn, nbytes, how = (lambda: x.copy_(y)), 8 * numel, "x.copy_(y) device-to-device, 8 B/elem"
+        counts = [threads]
     else:
         fn, nbytes, how = (lambda: x.add_(y)), 12 * numel, "x.add_(y), read x,y write x, 12 B/elem"
+        counts = sorted({1, threads})
     for _ in range(3):
         fn()
     _sync(device)
-    t = _median_time(fn, device, min_run_time, threads)
+    per_threads = {}
+    for n in counts:
+        t = _median_time(fn, device, min_run_time, n)
+        per_threads[n] = {"gbps": nbytes / t["median_s"] / 1e9, **t}
     del x, y
     gc.collect()
-    return {"gbps": nbytes / t["median_s"] / 1e9, "how": how, "buffer_mb": 4 * numel / 2**20, **t}
+    best = max(per_threads, key=lambda n: per_threads[n]["gbps"])
+    return {"gbps": per_threads[best]["gbps"], "threads": best, "how": how, "buffer_mb": 4 * numel / 2**20,
+            "per_threads": {str(n): v for n, v in per_threads.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,10 +278,15 @@ class Row:
 
 
 def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: Sequence[str] = OPTIMIZERS,
-        threads: int | None = None, min_run_time: float = 1.0, quick: bool = False,
-        large_params: int | None = None, bandwidth_numel: int | None = None,
+        threads: int | None = None, min_run_time: float = 0.5, quick: bool = False,
+        large_params: int | None = None, bandwidth_numel: int | None = None, repeats: int = 3,
         log: Callable[[str], None] = print) -> dict:
-    """Runs the benchmark; returns the JSON-able result (machine, bandwidth, rows)."""
+    """Runs the benchmark; returns the JSON-able result (machine, bandwidth, rows).
+
+    Each implementation is timed in ``repeats`` rounds of ``min_run_time`` seconds, the rounds
+    interleaved across implementations (fresh parameters each round), so a burst of load from
+    another process hits every implementation alike; the median is over all blocks of all rounds.
+    """
     dev = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -272,7 +296,9 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
         f"torch {info['torch']}, device {dev}" + (f" ({info['gpu']})" if "gpu" in info else ""))
     numel = bandwidth_numel or ((1 << 22) if quick else (1 << 28 if dev.type == "cuda" else 1 << 26))
     bw_before = measure_bandwidth(dev, numel, min_run_time, threads)
-    log(f"# bandwidth (before): {bw_before['gbps']:.1f} GB/s  [{bw_before['how']}, {bw_before['buffer_mb']:.0f} MB]")
+    log(f"# bandwidth (before): {bw_before['gbps']:.1f} GB/s with {bw_before['threads']} thread(s)  "
+        f"[{bw_before['how']}, {bw_before['buffer_mb']:.0f} MB buffers; by threads: "
+        + ", ".join(f"{n}: {v['gbps']:.1f}" for n, v in bw_before["per_threads"].items()) + "]")
 
     rows: list[Row] = []
     for wname in workloads:
@@ -281,18 +307,23 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
             if oname not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {oname!r}; choose from {', '.join(OPTIMIZERS)}")
             row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups), bytes_per_param(oname))
-            for impl in _impls_for(oname, dev):
-                row.times[impl] = time_step(oname, impl, work, dev, min_run_time, threads)
+            impls = _impls_for(oname, dev)
+            rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for r in range(repeats):
+                for impl in impls if r % 2 == 0 else reversed(impls):
+                    rounds[impl].append(time_step(oname, impl, work, dev, min_run_time, threads, seed=r))
+            row.times = {impl: _pool(rounds[impl]) for impl in impls}
             rows.append(row)
             log(_format_row(row))
 
     bw_after = measure_bandwidth(dev, numel, min_run_time, threads)
-    log(f"# bandwidth (after): {bw_after['gbps']:.1f} GB/s")
+    log(f"# bandwidth (after): {bw_after['gbps']:.1f} GB/s with {bw_after['threads']} thread(s)")
     bw = max(bw_before["gbps"], bw_after["gbps"])
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result = {
         "machine": info,
-        "settings": {"min_run_time": min_run_time, "quick": quick, "large_params": large_params},
+        "settings": {"min_run_time": min_run_time, "repeats": repeats, "quick": quick,
+                     "large_params": large_params},
         "bandwidth": {"gbps": bw, "before": bw_before, "after": bw_after},
         "rows": [],
     }
@@ -463,7 +494,9 @@ def build_parser(prog: str = "lrfuse bench") -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timing per measurement (default 1.0, 0.05 with --quick)")
+                   help="seconds of timing per implementation and round (default 0.5, 0.02 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds per implementation, interleaved (default 3, 1 with --quick)")
     p.add_argument("--large-params", type=lambda v: int(float(v)), default=None,
                    help="parameters of the `large` workload (default 16,777,216; e.g. 1e9 on a GPU)")
     p.add_argument("--bandwidth-numel", type=lambda v: int(float(v)), default=None,
@@ -480,10 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lrfuse bench: --device cuda but torch sees no CUDA device; run with --device cpu", file=sys.stderr)
         return 2
-    min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.02 if args.quick else 0.5)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     print(HEADER)
     result = run(args.device, args.workloads, args.optimizers, args.threads, min_run_time, args.quick,
-                 args.large_params, args.bandwidth_numel)
+                 args.large_params, args.bandwidth_numel, repeats)
     print()
     print(format_table(result))
     if args.json:
