@@ -242,7 +242,7 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
     x, y = lr_arr[:n], loss_arr[:n]
     ys, dy = smooth(x, y, bandwidth)
     i_min = int(np.argmin(ys))
-    scale = max(float(np.max(np.abs(ys))), 1e-12)
+    scale = max(float(np.max(np.abs(ys[: i_min + 1]))), 1e-12)  # the part after the minimum may explode
     noise = float(np.median(np.abs(y - ys))) * 1.4826 / math.sqrt(max(1.0, bandwidth * n))
     drop = float(np.max(ys[: i_min + 1]) - ys[i_min])
     if drop <= max(min_drop * scale, 3 * noise) or i_min == 0:

@@ -149,3 +149,26 @@ def train(lr: float, epochs: int = EPOCHS, seed: int = 0, batch_size: int = 64, 
     seconds = time.perf_counter() - start
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
     return RunResult(lr, float(metrics["val_acc"]), float(metrics["val_loss"]), trainer.global_step, seconds, model)
+
+
+# The demo's range test: 100 steps (4 epochs of digits) from 1e-5 to 1.
+FINDER = dict(min_lr=1e-5, max_lr=1.0, num_steps=100)
+
+
+def find(seed: int = 0, batch_size: int = 64, hidden: int = 128, plot_path: str | None = None,
+         progress: bool = False, **finder_kwargs):
+    """Run :func:`lrfuse.find_lr` on the demo classifier, seeded as :func:`train` is.
+
+    Returns:
+        ``(result, steps)``: the :class:`~lrfuse.lr_range.LRRangeResult` and the training steps the
+        sweep took (its cost).
+    """
+    from lrfuse.lightning.finder import find_lr
+
+    pl.seed_everything(seed, verbose=False)
+    dm = DigitsDataModule(batch_size=batch_size, seed=seed)
+    model = DigitsClassifier(hidden=hidden)
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1))
+    kwargs = {**FINDER, **finder_kwargs}
+    result = find_lr(trainer, model, datamodule=dm, plot_path=plot_path, verbose=progress, **kwargs)
+    return result, len(result.lrs)

@@ -1,0 +1,107 @@
+"""The range test's pure logic on synthetic curves with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lrfuse.lr_range import LRRangeResult, lr_values, range_test, smooth, suggest
+
+
+def sigmoid_curve(lr, centre=1e-3, cliff=0.3):
+    """Falls fastest (per unit of log lr) exactly at ``centre``; explodes past ``cliff``."""
+    return 1.0 - math.tanh(math.log10(lr / centre)) + (100.0 if lr > cliff else 0.0)
+
+
+def test_lr_values():
+    assert lr_values(1e-6, 1.0, 7).tolist() == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    assert lr_values(0.1, 1.0, 10, "linear")[1] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="min_lr < max_lr"):
+        lr_values(1.0, 0.1, 10)
+
+
+def test_smoothing_has_no_lag():
+    lrs = lr_values(1e-6, 1.0, 101)
+    x = np.log(lrs)
+    line = 3.0 - 0.5 * x
+    ys, dy = smooth(lrs, line)
+    assert np.allclose(ys, line) and np.allclose(dy, -0.5)  # a linear trend passes unchanged, ends included
+    bump = np.exp(-0.5 * ((np.arange(101) - 50) / 6.0) ** 2)
+    ys, _ = smooth(lrs, bump)
+    assert int(np.argmax(ys)) == 50  # centred: the peak does not move (a trailing EMA shifts it right)
+
+
+def test_steepest_descent_at_known_lr():
+    result = range_test(sigmoid_curve, min_lr=1e-6, max_lr=1.0, num_steps=100)
+    assert result.stopped == "diverged"
+    steep = result.suggest("steepest")
+    assert steep.lr == pytest.approx(1e-3, rel=0.15)
+    assert result.lr is not None and result.low <= result.lr <= result.high
+    assert steep.lr < result.lr  # auto sits between the steepest descent and the minimum
+
+
+def test_noisy_curve_still_finds_the_descent():
+    rng = np.random.default_rng(0)
+    result = range_test(lambda lr: sigmoid_curve(lr) + 0.1 * rng.standard_normal(), 1e-6, 1.0, 100)
+    assert result.ok
+    assert 1e-3 / 3 < result.suggest("steepest").lr < 1e-3 * 3
+    assert 1e-4 < result.lr < 1e-1
+
+
+def test_flat_curve_gives_a_reason_not_a_crash():
+    rng = np.random.default_rng(1)
+    result = range_test(lambda lr: 2.3 + 0.01 * rng.standard_normal(), 1e-6, 1.0, 100)
+    assert result.lr is None and result.low is None
+    assert "did not fall" in result.reason and "flat" in result.reason
+    assert "no LR suggestion" in result.summary()
+
+
+def test_diverges_at_step_3():
+    losses = iter([1.0, 0.9, 0.8, 50.0] + [1e6] * 100)
+    result = range_test(lambda lr: next(losses), 1e-6, 1.0, 100)
+    assert result.stopped == "diverged" and len(result.lrs) == 4
+    assert result.lr is None and "only 4 usable points" in result.reason
+
+
+def test_nan_stops_immediately():
+    losses = iter([1.0, 0.5, math.nan, 0.1])
+    result = range_test(lambda lr: next(losses), 1e-6, 1.0, 100)
+    assert result.stopped == "non-finite loss" and len(result.lrs) == 3 and result.lr is None
+
+
+@pytest.mark.parametrize("lrs, losses", [([], []), ([1e-3], [1.0]), ([1e-3, 1e-2], [1.0, math.inf])])
+def test_short_curves(lrs, losses):
+    result = suggest(lrs, losses)
+    assert isinstance(result, LRRangeResult) and result.lr is None and result.reason
+
+
+@pytest.mark.parametrize("method", ["steepest", "valley", "min10", "auto"])
+def test_every_method_suggests_inside_the_range(method):
+    lrs = lr_values(1e-6, 1.0, 80).tolist()
+    result = suggest(lrs, [sigmoid_curve(lr) for lr in lrs], method=method)
+    assert result.ok and result.method == method
+    assert result.low <= result.lr <= result.high and lrs[0] <= result.lr <= lrs[-1]
+    assert result.candidates[method if method != "auto" else "steepest"] is not None
+
+
+def test_stop_decision_is_the_shared_one():
+    seen = []
+    # Another process diverged at the 10th step: this one stops too, and says why.
+    result = range_test(lambda lr: 1.0, 1e-6, 1.0, 50, should_stop=lambda stop: seen.append(stop) or len(seen) >= 10)
+    assert len(result.lrs) == 10 and result.stopped == "diverged on another process"
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="method must be one of"):
+        suggest([1.0], [1.0], method="best")
+    with pytest.raises(ValueError, match="diverge_factor"):
+        range_test(lambda lr: 1.0, diverge_factor=1.0)
+
+
+def test_plot_to_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = range_test(sigmoid_curve, 1e-6, 1.0, 60)
+    path = tmp_path / "lr.png"
+    result.plot(str(path))
+    assert path.stat().st_size > 1000
+    suggest([], []).plot(str(tmp_path / "empty.png"))  # no suggestion: still a plot
