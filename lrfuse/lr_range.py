@@ -243,7 +243,10 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
     ys, dy = smooth(x, y, bandwidth)
     i_min = int(np.argmin(ys))
     scale = max(float(np.max(np.abs(ys[: i_min + 1]))), 1e-12)  # the part after the minimum may explode
-    noise = float(np.median(np.abs(y - ys))) * 1.4826 / math.sqrt(max(1.0, bandwidth * n))
+    # Noise of a smoothed value: the residuals' robust spread over the ~3.5 sigma points that a
+    # Gaussian window of width sigma effectively averages.
+    sigma = max(1.0, bandwidth * n)
+    noise = float(np.median(np.abs(y - ys))) * 1.4826 / math.sqrt(3.5 * sigma)
     drop = float(np.max(ys[: i_min + 1]) - ys[i_min])
     if drop <= max(min_drop * scale, 3 * noise) or i_min == 0:
         return empty("the smoothed loss did not fall over the swept range (flat curve); widen the range "

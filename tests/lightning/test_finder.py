@@ -1,0 +1,180 @@
+"""LRFinder on a real Trainer: everything restored, the suggestion applied, ratios kept."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import Tiny, TinyData, quiet_trainer
+from lightning.pytorch.callbacks import Callback
+
+import lrfuse
+from lrfuse.lightning import LRFinder, find_lr
+from lrfuse.lr_range import LRRangeResult
+
+
+def rng_state():
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
+
+
+def same_rng(a, b):
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+class Probe(Callback):
+    """Before the finder: make optimizer state exist and record everything. After it: compare."""
+
+    def __init__(self, before: Probe | None = None):
+        self.before = before
+        self.seen = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.before is None:
+            opt = trainer.optimizers[0]
+            for p in pl_module.parameters():
+                p.grad = torch.full_like(p, 0.01)
+            opt.step()  # state that the sweep must not keep
+            for p in pl_module.parameters():
+                p.grad = None
+            self.seen = dict(
+                weights={k: v.clone() for k, v in pl_module.state_dict().items()},
+                opt_state={id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+                lrs=[g["lr"] for g in opt.param_groups],
+                sched=[c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+                rng=rng_state(), global_step=trainer.global_step, epoch=trainer.current_epoch,
+                loop=trainer.fit_loop.state_dict(), training=pl_module.training, callbacks=list(trainer.callbacks))
+        else:
+            opt = trainer.optimizers[0]
+            self.seen = dict(weights={k: v.clone() for k, v in pl_module.state_dict().items()},
+                             opt_state={id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+                             lrs=[g["lr"] for g in opt.param_groups], sched=[c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+                             rng=rng_state(), loop=trainer.fit_loop.state_dict(), global_step=trainer.global_step,
+                             epoch=trainer.current_epoch, training=pl_module.training, callbacks=list(trainer.callbacks))
+
+
+def run_with_probes(tmp_path, model, finder, **trainer_kwargs):
+    before = Probe()
+    after = Probe(before)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[before, finder, after], **trainer_kwargs)
+    trainer.fit(model, datamodule=TinyData())
+    return trainer, before.seen, after.seen
+
+
+def assert_restored(before, after):
+    for k, v in before["weights"].items():
+        assert torch.equal(v, after["weights"][k]), k  # bit for bit
+    assert set(before["opt_state"]) == set(after["opt_state"])
+    for p, s in after["opt_state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, before["opt_state"][p][k]), k
+    # The schedulers' counters are untouched; only their LRs follow the applied suggestion.
+    strip = lambda states: [{k: v for k, v in st.items() if k not in ("base_lrs", "_last_lr")} for st in states]  # noqa: E731
+    assert strip(before["sched"]) == strip(after["sched"])
+    assert same_rng(before["rng"], after["rng"])
+    assert before["loop"] == after["loop"]
+    assert (before["global_step"], before["epoch"]) == (after["global_step"], after["epoch"]) == (0, 0)
+    assert before["callbacks"] == after["callbacks"]
+    assert before["training"] == after["training"]
+
+
+def test_callback_restores_everything_and_applies_the_suggestion(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-3)
+    finder = LRFinder(min_lr=1e-5, max_lr=10.0, num_steps=60)
+    trainer, before, after = run_with_probes(tmp_path, model, finder)
+    assert_restored(before, after)
+    result = finder.result
+    assert isinstance(result, LRRangeResult) and result.ok, result.reason
+    assert len(result.lrs) <= 60 and result.low <= result.lr <= result.high
+    # Applied to the optimizer (then trained with it) and to model.lr and hparams.lr.
+    assert after["lrs"][0] == pytest.approx(result.lr)
+    assert model.lr == model.hparams.lr == pytest.approx(result.lr)
+    assert trainer.global_step == 1  # the fit itself went on
+    assert not os.listdir(tmp_path)  # no checkpoint (or anything) left behind
+    assert "log" not in vars(model)  # self.log is Lightning's again
+
+
+def test_multi_group_ratios_and_schedulers(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-2, groups=True, scheduler=True)
+    finder = LRFinder(min_lr=1e-5, max_lr=10.0, num_steps=60)
+    trainer, before, after = run_with_probes(tmp_path, model, finder)
+    assert_restored(before, after)
+    lrs = after["lrs"]
+    base = before["lrs"]
+    assert lrs[-1] == pytest.approx(finder.result.lr)  # the head: the reference group
+    assert [lr / lrs[-1] for lr in lrs] == pytest.approx([b / base[-1] for b in base])  # ratios survive
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.base_lrs == pytest.approx(lrs)  # the scheduler continues from the new LRs
+    assert sched.last_epoch == 0
+
+
+def test_restored_when_training_raises(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-3, fail_at=6)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    state = rng_state()
+    with pytest.raises(RuntimeError, match="boom"):
+        find_lr(trainer, model, datamodule=TinyData(), min_lr=1e-5, max_lr=1.0, num_steps=30)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert same_rng(state, rng_state())
+    assert trainer.global_step == 0 and not os.listdir(tmp_path)
+    assert "log" not in vars(model) and model.lr == 1e-3
+    assert not any(isinstance(cb, LRFinder) for cb in trainer.callbacks)
+
+
+def test_find_lr_on_demand_then_fit_uses_it(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = rng_state()
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    result = lrfuse.find_lr(trainer, model, datamodule=TinyData(), min_lr=1e-5, max_lr=10.0, num_steps=60,
+                            plot_path=str(tmp_path / "lr.png"))
+    assert result.ok and model.lr == pytest.approx(result.lr)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert same_rng(state, rng_state())
+    assert trainer.global_step == 0 and trainer.current_epoch == 0
+    assert os.listdir(tmp_path) == ["lr.png"]
+    trainer.fit(model, datamodule=TinyData())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(result.lr)
+    assert trainer.global_step == 2
+
+
+def test_no_suggestion_leaves_the_lr(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-3)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    with pytest.warns(UserWarning, match="left unchanged"):
+        result = find_lr(trainer, model, datamodule=TinyData(), min_lr=1e-9, max_lr=1e-8, num_steps=20)
+    assert result.lr is None and result.reason and model.lr == 1e-3
+
+
+def test_works_with_torch_optimizers_and_named_attribute(tmp_path):
+    pl.seed_everything(0)
+    model = Tiny(lr=1e-2, optimizer="SGD")
+    result = find_lr(quiet_trainer(tmp_path, max_steps=1), model, datamodule=TinyData(), min_lr=1e-4, max_lr=100.0,
+                     num_steps=40, attr_name="lr")
+    assert result.ok and model.lr == pytest.approx(result.lr)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="min_lr < max_lr"):
+        LRFinder(min_lr=1.0, max_lr=0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        LRFinder(method="magic")
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    class Manual(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic optimization"):
+        find_lr(quiet_trainer(tmp_path, max_steps=1), Manual(), datamodule=TinyData(), num_steps=10)
