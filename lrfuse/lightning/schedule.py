@@ -36,7 +36,9 @@ class LRSchedule(Callback):
     Args:
         schedule: ``constant``, ``step``, ``multistep``, ``exponential``, ``cosine``, ``onecycle``
             or ``plateau``.
-        interval: ``"step"`` or ``"epoch"``: the unit of ``t`` and of every length below.
+        interval: ``"step"`` or ``"epoch"``: the unit of ``t`` and of every length below; default
+            ``"epoch"`` for ``plateau`` (judged after each epoch's validation), else ``"step"``.
+            A ``plateau`` with ``"step"`` is judged after every step: monitor a training metric then.
         warmup_steps: linear warm-up length (composable with every schedule but ``onecycle``).
         warmup_start_factor: factor at ``t = 0`` of the warm-up.
         total_steps: run length for ``cosine`` / ``onecycle``; default
@@ -64,7 +66,7 @@ class LRSchedule(Callback):
 
     def __init__(self, schedule: Literal["constant", "step", "multistep", "exponential", "cosine", "onecycle",
                                          "plateau"] = "cosine",
-                 interval: Literal["step", "epoch"] = "step", warmup_steps: int = 0, warmup_start_factor: float = 0.0,
+                 interval: Literal["step", "epoch"] | None = None, warmup_steps: int = 0, warmup_start_factor: float = 0.0,
                  total_steps: int | None = None, step_size: int | None = None, gamma: float = 0.1,
                  milestones: list[int] | None = None, factors: list[float] | None = None, min_factor: float = 0.0,
                  restart_period: int | None = None, restart_mult: float = 1.0, pct_start: float = 0.3,
@@ -74,6 +76,8 @@ class LRSchedule(Callback):
                  min_lr: float = 0.0, strict: bool = True) -> None:
         if schedule not in _NAMES:
             raise ValueError(f"LRSchedule: unknown schedule {schedule!r}; choose one of {', '.join(_NAMES)}")
+        if interval is None:  # a plateau is judged once per epoch, after validation
+            interval = "epoch" if schedule == "plateau" else "step"
         if interval not in ("step", "epoch"):
             raise ValueError(f"LRSchedule: interval must be 'step' or 'epoch', got {interval!r}")
         if min_lr < 0:
