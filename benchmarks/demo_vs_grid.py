@@ -6,7 +6,7 @@ log-spaced grid (1e-5 .. 1) trains the same recipe once per LR. Reported: the su
 its final validation accuracy, the grid's best LR and accuracy, and the training steps each
 approach cost (finder steps + one run, against ten runs). CPU, seeded, deterministic.
 
-    python benchmarks/demo_vs_grid.py [--seeds 0 1 2] [--threads 2]
+    python benchmarks/demo_vs_grid.py [--seeds 0 1 2] [--threads 1]
 
 Done means (issue 3): accuracy within 1 point of the grid's best, at most a fifth of its steps.
 """
@@ -26,7 +26,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--grid", type=int, default=10, help="grid points, log-spaced over 1e-5 .. 1")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         gap = 100 * (best.val_acc - picked.val_acc)
         passed = gap <= 1.0 and demo_cost * 5 <= grid_cost
         ok &= passed
-        print(f"seed {seed}")
+        print(f"seed {seed}", flush=True)
         print("  grid (lr: val acc %): " + "  ".join(f"{r.lr:.2g}: {100 * r.val_acc:.1f}" for r in runs))
         print(f"  demo: suggested lr {result.lr:.3g} ({result.method}, range {result.low:.2g} .. {result.high:.2g}) "
               f"-> val acc {100 * picked.val_acc:.2f}%  cost {demo_cost} steps ({finder_steps} finder + "
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  grid: best lr {best.lr:.3g} -> val acc {100 * best.val_acc:.2f}%  cost {grid_cost} steps "
               f"({len(runs)} x {runs[0].steps}), {grid_s:.1f} s")
         print(f"  gap {gap:+.2f} points (limit 1.00); cost ratio {demo_cost / grid_cost:.3f} (limit 0.200)"
-              f" -> {'PASS' if passed else 'FAIL'}")
+              f" -> {'PASS' if passed else 'FAIL'}", flush=True)
     return 0 if ok else 1
 
 
