@@ -51,7 +51,8 @@ def _quiet() -> None:
     import logging
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    # torch.utils.benchmark (used for the step-time line) warns about CUDA on CPU-only machines.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*treespec.*")

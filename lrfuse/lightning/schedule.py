@@ -10,6 +10,7 @@ import math
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
@@ -160,14 +161,15 @@ class LRSchedule(Callback):
             message = (f"LRSchedule(schedule='plateau') monitors {self.monitor!r}, which is not available. "
                        f"Pass monitor= one of the logged metrics ({available}), or log it with self.log.")
             if self.strict:
-                raise KeyError(message)
+                raise ValueError(message)
             if not self._warned_missing:
                 rank_zero_warn(message + " Waiting for it (strict=False).")
                 self._warned_missing = True
             return
         # Every rank sees the same synced metric when it is logged with sync_dist; keep the
         # decision identical anyway.
-        self.plateau.update(float(trainer.strategy.reduce(value.float().clone(), reduce_op="mean")))
+        value = torch.as_tensor(value, dtype=torch.float32, device=trainer.strategy.root_device).clone()
+        self.plateau.update(float(trainer.strategy.reduce(value, reduce_op="mean")))
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

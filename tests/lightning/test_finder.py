@@ -178,3 +178,23 @@ def test_manual_optimization_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="automatic optimization"):
         find_lr(quiet_trainer(tmp_path, max_steps=1), Manual(), datamodule=TinyData(), num_steps=10)
+
+
+def test_plot_goes_to_file_and_to_loggers_that_take_images(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import CSVLogger
+
+    class ImageLogger(CSVLogger):
+        images = []
+
+        def log_image(self, key, images, step=None, **kwargs):
+            self.images.append((key, images))
+
+    pl.seed_everything(0)
+    plot = tmp_path / "plots" / "lr.png"
+    plot.parent.mkdir()
+    finder = LRFinder(min_lr=1e-5, max_lr=10.0, num_steps=60, plot_path=str(plot))
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[finder], logger=ImageLogger(str(tmp_path / "logs")))
+    trainer.fit(Tiny(lr=1e-3), datamodule=TinyData())
+    assert plot.stat().st_size > 1000
+    assert ImageLogger.images == [("lr_finder", [str(plot)])]

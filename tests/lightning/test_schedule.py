@@ -78,7 +78,7 @@ def test_plateau_patience_and_min_delta(tmp_path):
 
 
 def test_plateau_missing_metric_says_what_exists(tmp_path):
-    with pytest.raises(KeyError, match="'nope', which is not available.*val_loss"):
+    with pytest.raises(ValueError, match="'nope', which is not available.*val_loss"):
         fit(tmp_path, LRSchedule("plateau", monitor="nope"), max_epochs=1, limit_train_batches=2)
 
 
