@@ -184,7 +184,8 @@ class LRRangeResult:
             pad = 0.1 * max(hi - lo, 1e-12)
             ax.set_ylim(lo - pad, max(hi, self.smoothed[0]) + 3 * pad)
         ax.set_title(title or (self.summary() if self.lr is None else "LR range test"), fontsize=9)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=120)

@@ -28,11 +28,13 @@ class DigitsDataModule(pl.LightningDataModule):
 
     Args:
         batch_size: training batch size.
-        val_fraction: share of the 1,797 images held out for validation (and test).
+        val_fraction: share of the 1,797 images held out for validation (and test). 0.3 (540
+            images) keeps the accuracy's sampling noise near half a point, below the 1-point
+            comparisons that ``benchmarks/demo_vs_grid.py`` makes.
         seed: seed of the split (the split does not depend on the global RNG).
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.3, seed: int = 0) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

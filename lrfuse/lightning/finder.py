@@ -143,6 +143,10 @@ class LRFinder(Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LRRangeResult:
         """Run the range test now (the trainer must be set up, e.g. inside ``on_fit_start``)."""
+        if self.apply and self.attr_name and not (
+                hasattr(pl_module, self.attr_name) or self.attr_name in getattr(pl_module, "hparams", {})):
+            raise AttributeError(f"LRFinder(attr_name={self.attr_name!r}): the model has no attribute or hparam "
+                                 f"{self.attr_name!r}; use one of its attributes, or leave attr_name=None")
         bar = self._progress_bar(trainer)
         progress = None
         if bar is not None:
@@ -150,7 +154,7 @@ class LRFinder(Callback):
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
         try:
-            result, base, reference = sweep(
+            result, _, reference = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
                 num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
                 bandwidth=self.bandwidth, progress=progress)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from conftest import Tiny, TinyData, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
