@@ -93,10 +93,16 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="lr_finder.png", help="where to write the finder's plot ('' for none)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the whole demo, the step-time comparison included "
+                             "(a model this small runs fastest on one)")
     args = parser.parse_args(argv)
     _quiet()
     progress = not args.no_progress
     start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
     print("lrfuse demo: scikit-learn digits (1,797 8x8 images), MLP 64-128-128-10, lrfuse.FusedAdam, CPU")
     print(f"1/3 LR range test ({demo.FINDER['num_steps']} steps, {demo.FINDER['min_lr']:g} .. "
           f"{demo.FINDER['max_lr']:g}) ...", flush=True)
@@ -109,7 +115,8 @@ def _demo(argv: list[str]) -> int:
     run = demo.train(result.lr, epochs=args.epochs, seed=args.seed, progress=progress)
     print(f"    final validation accuracy {100 * run.val_acc:.2f}% (loss {run.val_loss:.4f}) after {run.steps} steps, "
           f"{run.seconds:.1f} s", flush=True)
-    print("3/3 optimizer step time on the demo model's parameters (median):", flush=True)
+    print(f"3/3 optimizer step time on the demo model's parameters (median, {args.threads} thread"
+          f"{'s' if args.threads != 1 else ''}):", flush=True)
     try:
         from lrfuse.benchmark import compare_step_time
     except ImportError as error:  # the benchmark module is optional for the demo
