@@ -136,16 +136,20 @@ WARMUP_STEPS = 20
 def train(lr: float, epochs: int = EPOCHS, seed: int = 0, batch_size: int = 64, hidden: int = 128,
           progress: bool = False) -> RunResult:
     """Train the demo classifier with the demo's recipe: FusedAdam at ``lr``, ``WARMUP_STEPS`` of
-    linear warm-up then cosine to 0 (:class:`lrfuse.LRSchedule`), ``epochs`` epochs; validate.
+    linear warm-up (at most a quarter of the run) then cosine to 0 (:class:`lrfuse.LRSchedule`),
+    ``epochs`` epochs; validate.
 
     Deterministic for a given ``seed`` (CPU)."""
     from lrfuse.lightning.schedule import LRSchedule
 
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=batch_size, seed=seed)
+    dm.setup("fit")
+    total = epochs * (len(dm.train_set) // batch_size)
+    warmup = min(WARMUP_STEPS, total // 4)  # short runs (e.g. --epochs 1) still get a cosine phase
     model = DigitsClassifier(hidden=hidden, lr=lr)
     trainer = pl.Trainer(**trainer_kwargs(max_epochs=epochs, enable_progress_bar=progress,
-                                          callbacks=[LRSchedule("cosine", warmup_steps=WARMUP_STEPS)]))
+                                          callbacks=[LRSchedule("cosine", warmup_steps=warmup)]))
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
