@@ -134,6 +134,9 @@ class LRFinder(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            rank_zero_info("LRFinder: skipped under fast_dev_run")
+            return
         if trainer.global_step > 0 and not self._exit_after:
             rank_zero_info("LRFinder: fit resumes at step > 0; keeping the checkpoint's learning rate")
             return

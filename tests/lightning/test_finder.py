@@ -198,3 +198,9 @@ def test_plot_goes_to_file_and_to_loggers_that_take_images(tmp_path):
     trainer.fit(Tiny(lr=1e-3), datamodule=TinyData())
     assert plot.stat().st_size > 1000
     assert ImageLogger.images == [("lr_finder", [str(plot)])]
+
+
+def test_skipped_under_fast_dev_run(tmp_path):
+    finder = LRFinder()
+    quiet_trainer(tmp_path, fast_dev_run=True, callbacks=[finder]).fit(Tiny(), datamodule=TinyData())
+    assert finder.result is None
