@@ -14,6 +14,13 @@ from lrfuse.lightning import LRFinder
 from lrfuse.lightning.demo import DigitsClassifier, DigitsDataModule
 
 
+class Offset(DigitsClassifier):
+    """Rank r's loss is 10 * r higher: the mean over two ranks is 5 above either rank's own CE."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 10.0 * self.global_rank
+
+
 class Report(Callback):
     """Each rank writes what its finder decided and the LR its optimizer got."""
 
@@ -36,10 +43,12 @@ def test_finder_ddp_spawn_two_cpu_processes(tmp_path):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
                          callbacks=[finder, Report(finder, str(tmp_path))])
-    trainer.fit(DigitsClassifier(hidden=32, lr=1e-3), datamodule=DigitsDataModule(batch_size=32))
+    trainer.fit(Offset(hidden=32, lr=1e-3), datamodule=DigitsDataModule(batch_size=32))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2
     assert ranks[0]["lr"] is not None, ranks[0]["reason"]
     # Same curve (the loss is averaged across ranks), same stop, same suggestion, same LR applied.
     assert ranks[0] == ranks[1]
     assert ranks[0]["group_lr"] == pytest.approx(ranks[0]["lr"]) and ranks[0]["model_lr"] == ranks[0]["lr"]
+    # The curve is the mean over ranks: cross-entropy of 10 classes (about 2.3) plus 5.
+    assert 6.5 < ranks[0]["losses"][0] < 8.0
