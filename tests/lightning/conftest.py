@@ -22,6 +22,7 @@ def pytest_configure(config):
     # Lightning's own deprecation noise, not ours.
     config.addinivalue_line("filterwarnings", "ignore:.*treespec.*")
     config.addinivalue_line("filterwarnings", "ignore:.*does not have many workers.*")
+    config.addinivalue_line("filterwarnings", "ignore:.*smaller than the logging interval.*")
 
 
 def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
