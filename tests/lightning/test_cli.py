@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lrfuse
-from lrfuse.lightning import LRFinder, LRSchedule
+from lrfuse.lightning import LRFinder, LRHealthMonitor, LRSchedule
 from lrfuse.lightning.cli import build_cli, main
 
 
@@ -33,7 +33,8 @@ def test_flags_optimizer_and_callbacks(tmp_path):
         "--trainer.callbacks+=lrfuse.LRFinder", "--trainer.callbacks.num_steps=30",
         "--trainer.callbacks.min_lr=1e-5",
         "--trainer.callbacks+=lrfuse.LRSchedule", "--trainer.callbacks.schedule=cosine",
-        "--trainer.callbacks.warmup_steps=2", *quiet(tmp_path)])
+        "--trainer.callbacks.warmup_steps=2",
+        "--trainer.callbacks+=lrfuse.LRHealthMonitor", "--trainer.callbacks.every_n_steps=1", *quiet(tmp_path)])
     finder, schedule = [cb for cb in cli.trainer.callbacks if isinstance(cb, (LRFinder, LRSchedule))]
     assert finder.num_steps == 30 and finder.min_lr == 1e-5
     assert schedule.schedule == "cosine" and schedule._kwargs["warmup_steps"] == 2
@@ -45,6 +46,8 @@ def test_flags_optimizer_and_callbacks(tmp_path):
     assert cli.trainer.global_step == 4
     assert isinstance(cli.trainer.optimizers[0], lrfuse.FusedAdam)
     assert finder.result is not None
+    health = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRHealthMonitor))
+    assert health.every_n_steps == 1 and set(health.status) == {"lr-FusedAdam"}
 
 
 def test_yaml_class_path_init_args_and_torch_lr_scheduler(tmp_path):
