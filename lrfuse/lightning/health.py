@@ -149,16 +149,17 @@ class LRHealthMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._loss_sum += float(loss.detach())
+            # Summed on the device: no host sync except at a check.
+            self._loss_sum = self._loss_sum + loss.detach().double()
             self._loss_count += 1
         if self._before is None or trainer.global_step <= self._snap_step:
             return  # the step has not happened yet (gradient accumulation) or no check is due
         before, self._before = self._before, None
         stats: dict[str, float] = {}
-        mean = self._loss_sum / max(self._loss_count, 1)
+        mean = torch.as_tensor(self._loss_sum / max(self._loss_count, 1), dtype=torch.float64,
+                               device=trainer.strategy.root_device)
         # One collective per check: every rank sees the same loss and takes the same decisions.
-        mean = float(trainer.strategy.reduce(torch.tensor(mean, dtype=torch.float64, device=pl_module.device),
-                                             reduce_op="mean"))
+        mean = float(trainer.strategy.reduce(mean, reduce_op="mean"))
         self._loss_sum, self._loss_count = 0.0, 0
         self.rules.add_loss(mean)
         for opt, names, saved in zip(trainer.optimizers, self._names(trainer), before):
