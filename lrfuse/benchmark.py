@@ -183,35 +183,55 @@ def time_step(optimizer: str, impl: str, work: Workload, device: torch.device, m
     return result
 
 
-def measure_bandwidth(device: torch.device, numel: int, min_run_time: float, threads: int) -> dict:
+class BandwidthProbe:
     """Memory bandwidth in GB/s of a streaming update far larger than the caches.
 
     CPU: ``x.add_(y)`` reads x and y and writes x (12 bytes per element, no write-allocate
     traffic since x is read first), like the optimizer's in-place read+write of its state. It runs
-    with one thread and with ``threads``; the higher is the machine's bandwidth (on a small or
-    shared machine one thread can already saturate memory, and a second one only contends).
-    CUDA: a device-to-device copy (8 bytes per element).
+    with one thread and with the run's thread count; the higher is the machine's bandwidth (on a
+    small or shared machine one thread can already saturate memory, and a second one only
+    contends). CUDA: a device-to-device copy (8 bytes per element).
+
+    The buffers stay allocated, so the probe can run beside every row: on a shared machine (or a
+    VM whose neighbours share the memory bus) the bandwidth drifts within minutes.
     """
-    x = torch.randn(numel, device=device)
-    y = torch.randn(numel, device=device)
-    if device.type == "cuda":
-        fn, nbytes, how = (lambda: x.copy_(y)), 8 * numel, "x.copy_(y) device-to-device, 8 B/elem"
-        counts = [threads]
-    else:
-        fn, nbytes, how = (lambda: x.add_(y)), 12 * numel, "x.add_(y), read x,y write x, 12 B/elem"
-        counts = sorted({1, threads})
-    for _ in range(3):
-        fn()
-    _sync(device)
-    per_threads = {}
-    for n in counts:
-        t = _median_time(fn, device, min_run_time, n)
-        per_threads[n] = {"gbps": nbytes / t["median_s"] / 1e9, **t}
-    del x, y
-    gc.collect()
-    best = max(per_threads, key=lambda n: per_threads[n]["gbps"])
-    return {"gbps": per_threads[best]["gbps"], "threads": best, "how": how, "buffer_mb": 4 * numel / 2**20,
-            "per_threads": {str(n): v for n, v in per_threads.items()}}
+
+    def __init__(self, device: torch.device, numel: int, threads: int) -> None:
+        self.device, self.numel, self.threads = device, numel, threads
+        self.x = torch.randn(numel, device=device)
+        self.y = torch.randn(numel, device=device)
+        if device.type == "cuda":
+            self.fn, self.nbytes = (lambda: self.x.copy_(self.y)), 8 * numel
+            self.how, self.counts = "x.copy_(y) device-to-device, 8 B/elem", [threads]
+        else:
+            self.fn, self.nbytes = (lambda: self.x.add_(self.y)), 12 * numel
+            self.how, self.counts = "x.add_(y), read x,y write x, 12 B/elem", sorted({1, threads})
+        for _ in range(3):
+            self.fn()
+        _sync(device)
+
+    def measure(self, min_run_time: float) -> dict:
+        per_threads = {}
+        for n in self.counts:
+            t = _median_time(self.fn, self.device, min_run_time, n)
+            t.pop("times")
+            per_threads[str(n)] = {"gbps": self.nbytes / t["median_s"] / 1e9, **t}
+        best = max(per_threads, key=lambda n: per_threads[n]["gbps"])
+        return {"gbps": per_threads[best]["gbps"], "threads": int(best), "how": self.how,
+                "buffer_mb": 4 * self.numel / 2**20, "per_threads": per_threads}
+
+    def close(self) -> None:
+        del self.x, self.y, self.fn
+        gc.collect()
+
+
+def measure_bandwidth(device: torch.device, numel: int, min_run_time: float, threads: int) -> dict:
+    """One measurement of :class:`BandwidthProbe`."""
+    probe = BandwidthProbe(device, numel, threads)
+    try:
+        return probe.measure(min_run_time)
+    finally:
+        probe.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +282,7 @@ class Row:
     num_groups: int
     bytes_per_param: int
     times: dict[str, dict] = field(default_factory=dict)  # impl -> {"median_s", "iqr_s", ...}
+    bandwidth_gbps: float = 0.0  # the best of the probes run between this row's rounds
 
     def median(self, impl: str) -> float:
         return self.times[impl]["median_s"]
@@ -295,7 +316,8 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
     log(f"# {info['cpu_model']}, {info['cpu_count']} CPUs, {threads} threads, isa {info['cpu_isa']}, "
         f"torch {info['torch']}, device {dev}" + (f" ({info['gpu']})" if "gpu" in info else ""))
     numel = bandwidth_numel or ((1 << 22) if quick else (1 << 28 if dev.type == "cuda" else 1 << 26))
-    bw_before = measure_bandwidth(dev, numel, min_run_time, threads)
+    probe = BandwidthProbe(dev, numel, threads)
+    bw_before = probe.measure(min_run_time)
     log(f"# bandwidth (before): {bw_before['gbps']:.1f} GB/s with {bw_before['threads']} thread(s)  "
         f"[{bw_before['how']}, {bw_before['buffer_mb']:.0f} MB buffers; by threads: "
         + ", ".join(f"{n}: {v['gbps']:.1f}" for n, v in bw_before["per_threads"].items()) + "]")
@@ -312,13 +334,15 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
             for r in range(repeats):
                 for impl in impls if r % 2 == 0 else reversed(impls):
                     rounds[impl].append(time_step(oname, impl, work, dev, min_run_time, threads, seed=r))
+                row.bandwidth_gbps = max(row.bandwidth_gbps, probe.measure(min_run_time / 4)["gbps"])
             row.times = {impl: _pool(rounds[impl]) for impl in impls}
             rows.append(row)
             log(_format_row(row))
 
-    bw_after = measure_bandwidth(dev, numel, min_run_time, threads)
+    bw_after = probe.measure(min_run_time)
+    probe.close()
     log(f"# bandwidth (after): {bw_after['gbps']:.1f} GB/s with {bw_after['threads']} thread(s)")
-    bw = max(bw_before["gbps"], bw_after["gbps"])
+    bw = max([bw_before["gbps"], bw_after["gbps"]] + [row.bandwidth_gbps for row in rows])
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result = {
         "machine": info,
@@ -330,7 +354,8 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
     for row in rows:
         entry = asdict(row)
         entry["gbps"] = {impl: row.gbps(impl) for impl in row.times}
-        entry["bandwidth_fraction"] = {impl: row.gbps(impl) / bw for impl in row.times}
+        # Against the bandwidth measured beside this row: the fraction compares like with like.
+        entry["bandwidth_fraction"] = {impl: row.gbps(impl) / row.bandwidth_gbps for impl in row.times}
         entry["ratios"] = row.ratios()
         result["rows"].append(entry)
     return result
@@ -349,14 +374,14 @@ def _format_row(row: Row) -> str:
     for impl in ("lrfuse", "forloop", "foreach", "fused"):
         parts.append(_fmt_time(row.median(impl)) if impl in row.times else f"{'-':>9s}")
     r = row.ratios()
-    parts.append(f"{row.gbps():7.1f}")
+    parts.append(f"{row.gbps():7.1f} {row.bandwidth_gbps:6.1f} {100 * row.gbps() / row.bandwidth_gbps:4.0f}%")
     for impl in ("forloop", "foreach", "fused", "best"):
         parts.append(f"{r[impl]:6.2f}x" if impl in r else f"{'-':>7s}")
     return " ".join(parts)
 
 
 HEADER = (f"{'workload':12s} {'optimizer':13s} {'lrfuse ms':>9s} {'forloop':>9s} {'foreach':>9s} {'fused':>9s} "
-          f"{'GB/s':>7s} {'xloop':>7s} {'xforech':>7s} {'xfused':>7s} {'xbest':>7s}")
+          f"{'GB/s':>7s} {'BW':>6s} {'%BW':>5s} {'xloop':>7s} {'xforech':>7s} {'xfused':>7s} {'xbest':>7s}")
 
 
 def format_table(result: dict) -> str:
@@ -365,12 +390,13 @@ def format_table(result: dict) -> str:
     lines = [
         f"Machine: {m['cpu_model']} ({m['cpu_count']} CPUs, {m['threads']} threads, kernel variant {m['cpu_isa']}), "
         f"torch {m['torch']}, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "") +
-        f"; measured bandwidth {bw:.1f} GB/s ({result['bandwidth']['before']['how']}); "
+        f"; best measured bandwidth {bw:.1f} GB/s ({result['bandwidth']['before']['how']}; `BW` is the best "
+        f"probe run beside each row, `% of BW` is against it); "
         f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}.",
         "",
-        "| workload | optimizer | lrfuse ms | for-loop ms | foreach ms | fused ms | lrfuse GB/s | % of BW "
-        "| vs for-loop | vs foreach | vs fused | vs best |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| workload | optimizer | lrfuse ms | for-loop ms | foreach ms | fused ms | lrfuse GB/s | BW GB/s "
+        "| % of BW | vs for-loop | vs foreach | vs fused | vs best |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for e in result["rows"]:
         t = {k: v["median_s"] * 1e3 for k, v in e["times"].items()}
@@ -379,6 +405,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"| {e['workload']} | {e['optimizer']} | {t['lrfuse']:.3f} | {cell(t, 'forloop', '%.3f')} | "
             f"{cell(t, 'foreach', '%.3f')} | {cell(t, 'fused', '%.3f')} | {e['gbps']['lrfuse']:.1f} | "
+            f"{e['bandwidth_gbps']:.1f} | "
             f"{100 * e['bandwidth_fraction']['lrfuse']:.0f}% | {cell(r, 'forloop', '%.2fx')} | "
             f"{cell(r, 'foreach', '%.2fx')} | {cell(r, 'fused', '%.2fx')} | {r['best']:.2f}x |")
     return "\n".join(lines)

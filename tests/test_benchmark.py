@@ -13,7 +13,7 @@ from lrfuse import benchmark
 
 def test_quick_run_reports_every_workload_and_optimizer(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark.main(["--quick", "--min-run-time", "0.002", "--bandwidth-numel", "65536",
+    rc = benchmark.main(["--quick", "--threads", "1", "--min-run-time", "0.002", "--bandwidth-numel", "65536",
                          "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
