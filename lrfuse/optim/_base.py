@@ -204,16 +204,37 @@ class _FusedStep:
         return state
 
     def _hyper(self, device: torch.device) -> Tensor:
-        """The hyper table on ``device``, rebuilt only when a group's value changed."""
-        rows = tuple(tuple(self._row(group)) for group in self.param_groups)
-        if any(isinstance(v, Tensor) for row in rows for v in row):
-            # Tensor values (an lr tensor) are read on the device: no host sync, and a compiled
-            # step sees a changed value without recompiling.
-            return torch.stack([
-                torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in row]) for row in rows
-            ])
+        """The hyper table on ``device``: one tensor per device, kept and updated in place.
+
+        Number values are compared on the host and written only when one changed (on CUDA from
+        pinned memory, non_blocking: no sync). Tensor values (an lr tensor that a scheduler
+        updates with ``fill_``) are copied into their cells on the device at every call, so a
+        compiled step reads the new value without recompiling and a captured CUDA graph, which
+        keeps this table's address, replays the copy. A number changed between graph replays is
+        not seen (no Python runs on replay): use a tensor lr on the parameters' device for that.
+        """
+        floats = []
+        tensor_cells = []
+        for r, group in enumerate(self.param_groups):
+            row = self._row(group)
+            for c, v in enumerate(row):
+                if isinstance(v, Tensor):
+                    tensor_cells.append((r, c, v))
+            floats.append(tuple(None if isinstance(v, Tensor) else float(v) for v in row))
+        floats = tuple(floats)
         cache = self.__dict__.setdefault("_hyper_cache", {})  # also after unpickling
         cached = cache.get(device)
-        if cached is None or cached[0] != rows:
-            cached = cache[device] = (rows, torch.tensor(rows, dtype=torch.float64, device=device))
-        return cached[1]
+        if cached is None or cached[0] != floats:
+            pin = device.type == "cuda" and not torch.compiler.is_compiling()
+            host = torch.tensor([[0.0 if v is None else v for v in row] for row in floats],
+                                dtype=torch.float64, pin_memory=pin)
+            table = cached[1] if cached is not None and cached[1].shape == host.shape else None
+            if table is None:
+                table = torch.empty(host.shape, dtype=torch.float64, device=device)
+            # The caching host allocator keeps `host` until the copy is done, even once freed here.
+            table.copy_(host, non_blocking=pin)
+            cached = cache[device] = (floats, table)
+        table = cached[1]
+        for r, c, v in tensor_cells:
+            table[r, c].copy_(v)
+        return table
