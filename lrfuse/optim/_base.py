@@ -231,9 +231,9 @@ class _FusedStep:
             table = cached[1] if cached is not None and cached[1].shape == host.shape else None
             if table is None:
                 table = torch.empty(host.shape, dtype=torch.float64, device=device)
-            # The caching host allocator keeps `host` until the copy is done, even once freed here.
             table.copy_(host, non_blocking=pin)
-            cached = cache[device] = (floats, table)
+            # Kept while these values stand: a copy captured in a CUDA graph re-reads it on replay.
+            cached = cache[device] = (floats, table, host)
         table = cached[1]
         for r, c, v in tensor_cells:
             table[r, c].copy_(v)
