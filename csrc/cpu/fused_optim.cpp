@@ -17,12 +17,30 @@ using at::TensorList;
 // The element loops. The contiguous loops take every feature switch (amsgrad, weight-decay mode,
 // momentum, centered) as a template argument, so the loop body has no branch and no conditional
 // load and GCC vectorizes it; the clones give AVX-512, AVX2 and baseline versions, picked for the
-// running processor. `maximize` is a multiply by -1 and a missing grad_scale a divide by 1: both
-// exact, so the result is the per-element rule's bit for bit. The strided loops (transposed or
-// sliced tensors, rare) keep the switches at run time.
+// running processor. `maximize` is a multiply by -1 (exact, so the result is the per-element
+// rule's bit for bit). The loop has two copies, with and without the grad_scale division: in
+// cache (`tiny`) the step is bound by divide/sqrt throughput, and dividing by a missing scale of 1
+// would add a third such instruction per element. The strided loops (transposed or sliced
+// tensors, rare) keep the switches at run time.
 
 // Weight decay of Adam: none, added to the gradient (Adam), or decoupled (AdamW).
 enum class Decay : int { none, l2, decoupled };
+
+template <bool kAmsgrad, bool kScaled, typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) void adam_element(int64_t i, scalar_t* __restrict__ p,
+                                                        const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                                                        scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
+                                                        const AdamConsts<opmath_t>& c, opmath_t scale, opmath_t sign) {
+  opmath_t pi = p[i], gi = g[i], mi = m[i], vi = v[i];
+  opmath_t xi = kAmsgrad ? opmath_t(vmax[i]) : opmath_t(0);
+  if (kScaled) gi = gi / scale;
+  gi = gi * sign;
+  adam_update(pi, gi, mi, vi, xi, c);
+  p[i] = pi;
+  m[i] = mi;
+  v[i] = vi;
+  if (kAmsgrad) vmax[i] = xi;
+}
 
 template <typename scalar_t, bool kAmsgrad, Decay kDecay>
 LRFUSE_CPU_CLONES void adam_flat(int64_t n, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
@@ -35,16 +53,29 @@ LRFUSE_CPU_CLONES void adam_flat(int64_t n, scalar_t* __restrict__ p, const scal
   c.amsgrad = kAmsgrad;
   c.has_weight_decay = kDecay != Decay::none;
   c.decoupled = kDecay == Decay::decoupled;
-  for (int64_t i = 0; i < n; ++i) {
-    opmath_t pi = p[i], gi = g[i], mi = m[i], vi = v[i];
-    opmath_t xi = kAmsgrad ? opmath_t(vmax[i]) : opmath_t(0);
-    gi = gi / scale * sign;
-    adam_update(pi, gi, mi, vi, xi, c);
-    p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
-    if (kAmsgrad) vmax[i] = xi;
+  if (scale == opmath_t(1)) {  // no grad_scale, or one of 1: g / 1 == g
+    for (int64_t i = 0; i < n; ++i) adam_element<kAmsgrad, false>(i, p, g, m, v, vmax, c, scale, sign);
+  } else {
+    for (int64_t i = 0; i < n; ++i) adam_element<kAmsgrad, true>(i, p, g, m, v, vmax, c, scale, sign);
   }
+}
+
+template <bool kMomentum, bool kCentered, bool kScaled, typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) void rmsprop_element(int64_t i, scalar_t* __restrict__ p,
+                                                           const scalar_t* __restrict__ g, scalar_t* __restrict__ sq,
+                                                           scalar_t* __restrict__ buf, scalar_t* __restrict__ ga,
+                                                           const RMSpropConsts<opmath_t>& c, opmath_t scale,
+                                                           opmath_t sign) {
+  opmath_t pi = p[i], gi = g[i], si = sq[i];
+  opmath_t bi = kMomentum ? opmath_t(buf[i]) : opmath_t(0);
+  opmath_t ai = kCentered ? opmath_t(ga[i]) : opmath_t(0);
+  if (kScaled) gi = gi / scale;
+  gi = gi * sign;
+  rmsprop_update(pi, gi, si, bi, ai, c);
+  p[i] = pi;
+  sq[i] = si;
+  if (kMomentum) buf[i] = bi;
+  if (kCentered) ga[i] = ai;
 }
 
 template <typename scalar_t, bool kMomentum, bool kCentered, bool kWeightDecay>
@@ -58,16 +89,12 @@ LRFUSE_CPU_CLONES void rmsprop_flat(int64_t n, scalar_t* __restrict__ p, const s
   c.has_momentum = kMomentum;
   c.centered = kCentered;
   c.has_weight_decay = kWeightDecay;
-  for (int64_t i = 0; i < n; ++i) {
-    opmath_t pi = p[i], gi = g[i], si = sq[i];
-    opmath_t bi = kMomentum ? opmath_t(buf[i]) : opmath_t(0);
-    opmath_t ai = kCentered ? opmath_t(ga[i]) : opmath_t(0);
-    gi = gi / scale * sign;
-    rmsprop_update(pi, gi, si, bi, ai, c);
-    p[i] = pi;
-    sq[i] = si;
-    if (kMomentum) buf[i] = bi;
-    if (kCentered) ga[i] = ai;
+  if (scale == opmath_t(1)) {  // no grad_scale, or one of 1: g / 1 == g
+    for (int64_t i = 0; i < n; ++i)
+      rmsprop_element<kMomentum, kCentered, false>(i, p, g, sq, buf, ga, c, scale, sign);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      rmsprop_element<kMomentum, kCentered, true>(i, p, g, sq, buf, ga, c, scale, sign);
   }
 }
 
