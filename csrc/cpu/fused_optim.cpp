@@ -20,8 +20,8 @@ using at::TensorList;
 // running processor. `maximize` is a multiply by -1 (exact, so the result is the per-element
 // rule's bit for bit). The loop has two copies, with and without the grad_scale division: in
 // cache (`tiny`) the step is bound by divide/sqrt throughput, and dividing by a missing scale of 1
-// would add a third such instruction per element. The strided loops (transposed or sliced
-// tensors, rare) keep the switches at run time.
+// would add a second divide to Adam's one divide and one square root per element. The strided
+// loops (transposed or sliced tensors, rare) keep the switches at run time.
 
 // Weight decay of Adam: none, added to the gradient (Adam), or decoupled (AdamW).
 enum class Decay : int { none, l2, decoupled };
