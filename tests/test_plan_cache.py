@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import lrfuse
@@ -74,3 +75,28 @@ def test_amsgrad_switched_on_between_steps():
     fused.step()
     for p in params:
         assert fused.state[p]["max_exp_avg_sq"].shape == p.shape
+
+
+def test_parameter_swapped_in_place_in_its_group():
+    """Model surgery that replaces a parameter inside a group's list keeps the list's length."""
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    new = leaf(torch.randn(5))
+    new_ref = clone_like(new)
+    fused.param_groups[0]["params"][1] = new
+    oracle.param_groups[0]["params"][1] = new_ref
+    params[1], ref[1] = new, new_ref
+    for i in range(3):
+        step_both(params, ref, fused, oracle, f"after swap {i}")
+
+
+def test_sparse_gradient_on_a_kept_plan_is_named():
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    before = [p.clone() for p in params]
+    params[0].grad = torch.randn_like(params[0])
+    params[1].grad = torch.randn(5).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        fused.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)

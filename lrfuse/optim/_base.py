@@ -9,6 +9,8 @@ group (columns in :mod:`lrfuse.ops`), so a changed learning rate costs nothing b
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,16 +31,29 @@ class _Call:
     group_of: list[int] = field(default_factory=list)
     grad_index: list[int] = field(default_factory=list)  # where each gradient sits in the step's flat list
     complex_at: list[int] = field(default_factory=list)  # entries passed through view_as_real
+    takes_all: bool = False  # the step's flat gradient list is this call's list as it is
+
+    def refresh(self, grads: list[Tensor | None]) -> None:
+        """Takes this step's gradients (backward may have replaced them)."""
+        self.grads = grads if self.takes_all else list(map(grads.__getitem__, self.grad_index))
+        for k in self.complex_at:
+            self.grads[k] = torch.view_as_real(self.grads[k])
 
 
 @dataclass
 class _Plan:
-    """The calls of a step, reusable while ``key`` and the state objects stay as they were."""
+    """The calls of a step, reusable while the parameters, which of them have a gradient, the
+    group structure and the state objects stay as they were when it was built."""
 
     calls: dict[tuple[torch.device, tuple[bool, ...]], _Call]
-    owners: list[tuple[Tensor, dict]]  # each planned parameter and its state dict
-    checked_natively: bool             # one native call, whose own checks run before any write
-    key: tuple = ()
+    checked_natively: bool  # one native call, whose own checks run before any write
+    key: tuple = ()         # (id of the state dict, (size, state layout) of each group)
+    params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
+    has_grad: bytes = b""   # which of them had a gradient
+    states: list[dict] = field(default_factory=list)    # optimizer.state's values, in order
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 class _FusedStep:
@@ -101,47 +116,54 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls = self._calls()
+        calls, grads = self._calls()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for (device, uses), call in calls.items():
-            type(self)._op(
-                call.params, call.grads, *call.states, call.steps, call.group_of, self._hyper(device),
-                None if grad_scale is None else grad_scale.to(device),
-                None if found_inf is None else found_inf.to(device),
-            )
+            try:
+                type(self)._op(
+                    call.params, call.grads, *call.states, call.steps, call.group_of, self._hyper(device),
+                    None if grad_scale is None else grad_scale.to(device),
+                    None if found_inf is None else found_inf.to(device),
+                )
+            except NotImplementedError:
+                # A sparse gradient dispatches the op away from its kernels before anything is
+                # written: name the gradient, as the checks of a rebuilt plan would.
+                self._check_grads(grads)
+                raise
         return loss
 
-    def _calls(self) -> dict[tuple[torch.device, tuple[bool, ...]], _Call]:
-        """The native calls of this step.
+    def _calls(self) -> tuple[dict[tuple[torch.device, tuple[bool, ...]], _Call], list[Tensor | None]]:
+        """The native calls of this step, and the gradients of every parameter in group order.
 
-        Building them costs microseconds per tensor, so the plan is kept while the groups, which
-        parameters have a gradient, and the state objects stay the same (torch and Lightning
-        replace a parameter's state dict, never a tensor inside it); then only the gradients,
-        which backward may replace every step, are refreshed.
+        Building the calls costs microseconds per tensor, so the plan is kept while the
+        parameters, which of them have a gradient, the group structure and the state objects stay
+        the same (torch and Lightning replace a parameter's state dict, never a tensor inside it);
+        then only the gradients, which backward may replace every step, are refreshed. The checks
+        use C-level iteration: hashing 2,000 tensors into ``self.state`` would cost more than the
+        rest of the step's Python.
         """
-        grads = [p.grad for group in self.param_groups for p in group["params"]]
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
-            return self._build(grads).calls
-        key = (
-            id(self.state),
-            tuple((id(g["params"]), len(g["params"]), self._uses(g)) for g in self.param_groups),
-            tuple(g is not None for g in grads),
-        )
+            grads = [p.grad for group in self.param_groups for p in group["params"]]
+            return self._build(grads).calls, grads
+        params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
+        grads = list(map(_grad_of, params))
+        key = (id(self.state), tuple((len(g["params"]), self._uses(g)) for g in self.param_groups))
+        has_grad = bytes(map(operator.is_not, grads, itertools.repeat(None)))
         plan: _Plan | None = self.__dict__.get("_plan_cache")
-        if plan is None or plan.key != key or any(self.state.get(p) is not s for p, s in plan.owners):
+        if (plan is None or plan.key != key or plan.has_grad != has_grad
+                or len(plan.params) != len(params) or not all(map(operator.is_, params, plan.params))
+                or len(plan.states) != len(self.state) or not all(map(operator.is_, self.state.values(), plan.states))):
             plan = self._build(grads)
-            plan.key = key
+            plan.key, plan.params, plan.has_grad = key, params, has_grad
+            plan.states = list(self.state.values())
             self.__dict__["_plan_cache"] = plan
-            return plan.calls
-        # A sparse gradient would dispatch the op away from its native checks: look for it here.
-        if not plan.checked_natively or any(g is not None and g.is_sparse for g in grads):
+            return plan.calls, grads
+        if not plan.checked_natively:
             self._check_grads(grads)
         for call in plan.calls.values():
-            call.grads = [grads[j] for j in call.grad_index]
-            for k in call.complex_at:
-                call.grads[k] = torch.view_as_real(call.grads[k])
-        return plan.calls
+            call.refresh(grads)
+        return plan.calls, grads
 
     def _check_grads(self, grads: list[Tensor | None]) -> None:
         """Raises before anything is modified if a gradient cannot be applied."""
@@ -162,7 +184,6 @@ class _FusedStep:
         """Checks every gradient, then creates missing state, then sorts tensors into calls."""
         self._check_grads(grads)
         calls: dict[tuple[torch.device, tuple[bool, ...]], _Call] = {}
-        owners: list[tuple[Tensor, dict]] = []
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
             if grad is None:
@@ -170,7 +191,6 @@ class _FusedStep:
             uses = self._uses(self.param_groups[g])
             active = (True,) * len(self._state_keys) + uses
             state = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on])
-            owners.append((p, state))
             call = calls.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
@@ -186,8 +206,10 @@ class _FusedStep:
                     lst.append(real(state[key]))
             call.steps.append(state["step"])
             call.group_of.append(g)
+        for call in calls.values():
+            call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.complex_at
         native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
-        return _Plan(calls=calls, owners=owners, checked_natively=native)
+        return _Plan(calls=calls, checked_natively=native)
 
     def _state_for(self, p: Tensor, keys: Sequence[str]) -> dict:
         """The parameter's state with `step` and ``keys``, created as torch would."""
