@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=10, help="grid points, log-spaced over 1e-5 .. 1")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-
     from lrfuse.lightning import demo
+
+    # After the import: importing Lightning sets its own loggers to INFO.
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     grid = np.logspace(-5, 0, args.grid)
     ok = True
