@@ -24,6 +24,13 @@ void check_like_param(const FusedArgs& a, const char* name, const at::Tensor& t,
               " but params[", i, "] is on ", p.device(), "; move it to the parameter's device");
 }
 
+// State is written like the parameter, so it must also own each of its elements.
+void check_written(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
+  check_like_param(a, name, t, i);
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, a.op, ": ", name, "[", i,
+              "] has overlapping memory (an expanded view); give it memory of its own (e.g. .clone())");
+}
+
 void check_scalar(const FusedArgs& a, const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, a.op, ": ", name,
               " must be a one-element float32 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
@@ -75,9 +82,9 @@ void check_fused_args(const FusedArgs& a) {
     TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, a.op, ": params[", i,
                 "] has overlapping memory (an expanded view); pass a tensor that owns each element");
     check_like_param(a, "grads", a.grads[i], i);
-    for (const auto& [name, list] : a.states) check_like_param(a, name, list[i], i);
+    for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
     for (const auto& [name, list] : a.optional_states)
-      if (!list.empty()) check_like_param(a, name, list[i], i);
+      if (!list.empty()) check_written(a, name, list[i], i);
     check_scalar(a, "steps[i]", a.steps[i], device);
     if (p.numel() > 0) starts.emplace_back(p.data_ptr(), i);
   }

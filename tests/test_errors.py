@@ -143,3 +143,14 @@ def test_op_rejects_bad_arguments_before_writing(change, match):
         assert torch.equal(p, b)
     for s, b in zip(args["steps"], steps_before):
         assert torch.equal(s, b)
+
+
+def test_expanded_state_updates_nothing():
+    """State is written like the parameter: an expanded view (stride 0) would be written many times."""
+    opt, a, b = trained_optimizer()
+    opt.state[b] = {**opt.state[b], "exp_avg": torch.zeros(1).expand(5)}
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has overlapping memory"):
+        opt.step()
+    assert_unchanged(opt, before)

@@ -174,7 +174,7 @@ class MultiTensorCall {
   template <typename Launch>
   void run(at::ScalarType dtype, const Launch& launch) {
     using Meta = TensorListMeta<kDepth>;
-    Meta meta;  // filled slots only are read
+    Meta meta{};  // filled slots only are read; zeroed so no uninitialised bytes are sent
     int nt = 0, nb = 0;
     for (const Entry& e : entries_) {
       const at::Tensor& p = e.operands[0];

@@ -256,6 +256,9 @@ class _FusedStep:
             table.copy_(host, non_blocking=pin)
             # Kept while these values stand: a copy captured in a CUDA graph re-reads it on replay.
             cached = cache[device] = (floats, table, host)
+            if pin and torch.cuda.is_current_stream_capturing():
+                # ... and for good once captured: the graph reads it at every replay.
+                self.__dict__.setdefault("_captured_hyper_sources", []).append(host)
         table = cached[1]
         for r, c, v in tensor_cells:
             table[r, c].copy_(v)
