@@ -8,10 +8,14 @@ The benchmark itself is lrfuse.benchmark (also `lrfuse bench`); this script only
 output paths under benchmarks/results/.
 """
 
+import logging
 import sys
 from pathlib import Path
 
-from lrfuse.benchmark import main
+# torch.utils.benchmark imports torch.utils.cpp_extension, whose CUDA_HOME notice is noise here.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+from lrfuse.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

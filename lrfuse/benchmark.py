@@ -130,14 +130,6 @@ def _median_time(fn: Callable[[], object], device: torch.device, min_run_time: f
             "per_run": m.number_per_run, "times": list(m.times)}
 
 
-def _pool(rounds: list[dict]) -> dict:
-    """One result from several rounds: the median over every block of every round."""
-    times = [t for r in rounds for t in r["times"]]
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "min_s": min(times), "iqr_s": q[2] - q[0],
-            "runs": len(times), "round_medians_s": [r["median_s"] for r in rounds]}
-
-
 def _fresh_groups(work: Workload, device: torch.device, seed: int) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     groups = []
@@ -167,20 +159,56 @@ def _impls_for(optimizer: str, device: torch.device) -> list[str]:
     return ["lrfuse"] + impls
 
 
-def time_step(optimizer: str, impl: str, work: Workload, device: torch.device, min_run_time: float,
-              threads: int, warmup: int = 3, seed: int = 0) -> dict:
-    """Median time of one ``step()`` on fresh random parameters with random gradients."""
-    groups = _fresh_groups(work, device, seed)
-    opt = _build(optimizer, impl, groups)
+def _block(fn: Callable[[], object], number: int, device: torch.device) -> float:
+    """Seconds per call of ``number`` back-to-back calls of ``fn``."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / number
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, min_run_time: float,
+                     block_s: float = 0.05, min_passes: int = 5) -> dict[str, dict]:
+    """Seconds per call of each of ``fns``, timed in short blocks taken in turn.
+
+    A shared machine's speed drifts over seconds (neighbours' load, the memory bus), by more than
+    the differences being measured. Blocks of about ``block_s`` seconds, one per function per
+    pass and the order reversed every other pass, put every function under the same drift, so
+    the ratios of their medians hold even while the absolute times move. Passes continue until
+    each function has had about ``min_run_time`` seconds, and at least ``min_passes``.
+    """
+    per_call = {name: _block(fn, 1, device) for name, fn in fns.items()}
+    number = {name: max(1, int(block_s / t)) for name, t in per_call.items()}
+    pass_s = sum(number[name] * per_call[name] for name in fns)
+    passes = max(min_passes, math.ceil(min_run_time * len(fns) / pass_s))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one block would land on one function only
+    try:
+        for k in range(passes):
+            for name in order if k % 2 == 0 else reversed(order):
+                samples[name].append(_block(fns[name], number[name], device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    out = {}
+    for name, times in samples.items():
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        out[name] = {"median_s": statistics.median(times), "min_s": min(times), "iqr_s": q[2] - q[0],
+                     "blocks": len(times), "calls_per_block": number[name]}
+    return out
+
+
+def _ready_step(optimizer: str, impl: str, work: Workload, device: torch.device, warmup: int = 3,
+                seed: int = 0) -> Callable[[], object]:
+    """``step`` of an optimizer on fresh random parameters with random gradients, its state created."""
+    opt = _build(optimizer, impl, _fresh_groups(work, device, seed))
     for _ in range(warmup):  # the first step creates the state
         opt.step()
-    _sync(device)
-    result = _median_time(opt.step, device, min_run_time, threads)
-    del opt, groups
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return opt.step
 
 
 class BandwidthProbe:
@@ -282,7 +310,7 @@ class Row:
     num_groups: int
     bytes_per_param: int
     times: dict[str, dict] = field(default_factory=dict)  # impl -> {"median_s", "iqr_s", ...}
-    bandwidth_gbps: float = 0.0  # the best of the probes run between this row's rounds
+    bandwidth_gbps: float = 0.0  # the probe's median, timed in the row's own blocks
 
     def median(self, impl: str) -> float:
         return self.times[impl]["median_s"]
@@ -299,14 +327,15 @@ class Row:
 
 
 def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: Sequence[str] = OPTIMIZERS,
-        threads: int | None = None, min_run_time: float = 0.5, quick: bool = False,
-        large_params: int | None = None, bandwidth_numel: int | None = None, repeats: int = 3,
+        threads: int | None = None, min_run_time: float = 1.5, quick: bool = False,
+        large_params: int | None = None, bandwidth_numel: int | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Runs the benchmark; returns the JSON-able result (machine, bandwidth, rows).
 
-    Each implementation is timed in ``repeats`` rounds of ``min_run_time`` seconds, the rounds
-    interleaved across implementations (fresh parameters each round), so a burst of load from
-    another process hits every implementation alike; the median is over all blocks of all rounds.
+    The implementations of a row (and the bandwidth probe) live side by side, each on its own
+    copy of the same random parameters, and are timed by :func:`time_interleaved`: about
+    ``min_run_time`` seconds each, in short alternating blocks, so drift on a shared machine hits
+    them alike. The row's bandwidth is the probe's median from the same blocks.
     """
     dev = torch.device(device)
     if threads is not None:
@@ -317,7 +346,7 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
         f"torch {info['torch']}, device {dev}" + (f" ({info['gpu']})" if "gpu" in info else ""))
     numel = bandwidth_numel or ((1 << 22) if quick else (1 << 28 if dev.type == "cuda" else 1 << 26))
     probe = BandwidthProbe(dev, numel, threads)
-    bw_before = probe.measure(min_run_time)
+    bw_before = probe.measure(min_run_time / 3)
     log(f"# bandwidth (before): {bw_before['gbps']:.1f} GB/s with {bw_before['threads']} thread(s)  "
         f"[{bw_before['how']}, {bw_before['buffer_mb']:.0f} MB buffers; by threads: "
         + ", ".join(f"{n}: {v['gbps']:.1f}" for n, v in bw_before["per_threads"].items()) + "]")
@@ -329,24 +358,25 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
             if oname not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {oname!r}; choose from {', '.join(OPTIMIZERS)}")
             row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups), bytes_per_param(oname))
-            impls = _impls_for(oname, dev)
-            rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
-            for r in range(repeats):
-                for impl in impls if r % 2 == 0 else reversed(impls):
-                    rounds[impl].append(time_step(oname, impl, work, dev, min_run_time, threads, seed=r))
-                row.bandwidth_gbps = max(row.bandwidth_gbps, probe.measure(min_run_time / 4)["gbps"])
-            row.times = {impl: _pool(rounds[impl]) for impl in impls}
+            fns = {impl: _ready_step(oname, impl, work, dev) for impl in _impls_for(oname, dev)}
+            timed = time_interleaved({**fns, "bandwidth": probe.fn}, dev, min_run_time)
+            row.bandwidth_gbps = probe.nbytes / timed.pop("bandwidth")["median_s"] / 1e9
+            row.times = timed
+            del fns
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             rows.append(row)
             log(_format_row(row))
 
-    bw_after = probe.measure(min_run_time)
+    bw_after = probe.measure(min_run_time / 3)
     probe.close()
     log(f"# bandwidth (after): {bw_after['gbps']:.1f} GB/s with {bw_after['threads']} thread(s)")
     bw = max([bw_before["gbps"], bw_after["gbps"]] + [row.bandwidth_gbps for row in rows])
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result = {
         "machine": info,
-        "settings": {"min_run_time": min_run_time, "repeats": repeats, "quick": quick,
+        "settings": {"min_run_time": min_run_time, "quick": quick,
                      "large_params": large_params},
         "bandwidth": {"gbps": bw, "before": bw_before, "after": bw_after},
         "rows": [],
@@ -521,9 +551,8 @@ def build_parser(prog: str = "lrfuse bench") -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timing per implementation and round (default 0.5, 0.02 with --quick)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="rounds per implementation, interleaved (default 3, 1 with --quick)")
+                   help="seconds of timing per implementation and row, in alternating blocks "
+                        "(default 1.5, 0.02 with --quick)")
     p.add_argument("--large-params", type=lambda v: int(float(v)), default=None,
                    help="parameters of the `large` workload (default 16,777,216; e.g. 1e9 on a GPU)")
     p.add_argument("--bandwidth-numel", type=lambda v: int(float(v)), default=None,
@@ -540,11 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lrfuse bench: --device cuda but torch sees no CUDA device; run with --device cpu", file=sys.stderr)
         return 2
-    min_run_time = args.min_run_time if args.min_run_time is not None else (0.02 if args.quick else 0.5)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.02 if args.quick else 1.5)
     print(HEADER)
     result = run(args.device, args.workloads, args.optimizers, args.threads, min_run_time, args.quick,
-                 args.large_params, args.bandwidth_numel, repeats)
+                 args.large_params, args.bandwidth_numel)
     print()
     print(format_table(result))
     if args.json:
