@@ -100,3 +100,20 @@ def test_sparse_gradient_on_a_kept_plan_is_named():
         fused.step()
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+def test_optimizer_with_a_kept_plan_copies_and_pickles():
+    """The kept plan (and its C++ references) stays out of copies: they rebuild their own."""
+    import pickle
+
+    params, ref, fused, oracle = pair()
+    step_both(params, ref, fused, oracle, "first")
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert "_plan_cache" not in clone.__dict__
+        cloned = [p for g in clone.param_groups for p in g["params"]]
+        for p in cloned:
+            p.grad = torch.ones_like(p)
+        before = [p.detach().clone() for p in cloned]
+        clone.step()
+        assert all(not torch.equal(p, b) for p, b in zip(cloned, before))
+    step_both(params, ref, fused, oracle, "original after copies")

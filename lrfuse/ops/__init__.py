@@ -16,7 +16,7 @@ import torch
 
 from lrfuse.ops import reference
 
-__all__ = ["ADAM_COLUMNS", "RMSPROP_COLUMNS", "backend", "cpu_isa", "fused_adam_", "fused_rmsprop_"]
+__all__ = ["ADAM_COLUMNS", "RMSPROP_COLUMNS", "backend", "cpu_isa", "fused_adam_", "fused_rmsprop_", "hold_refs"]
 
 # Hyper-table columns; the native side names the same columns in csrc/update_rules.h.
 ADAM_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "decoupled")
@@ -48,6 +48,16 @@ def backend(device: torch.device | str) -> str:
 def cpu_isa() -> str:
     """The vectorized variant of the CPU kernels this processor runs (``x86-64-v4`` = AVX-512)."""
     return torch.ops.lrfuse.cpu_isa() if _C is not None else "none (extension not built)"
+
+
+def hold_refs(tensors: list[torch.Tensor]) -> object | None:
+    """C++ references to ``tensors``, kept while the returned object lives (None without ``_C``).
+
+    Boxing a tensor that only Python references costs a Python refcount round trip per call;
+    an optimizer holds these for the tensors its native call passes every step (see
+    ``TensorRefs`` in csrc/lrfuse.cpp).
+    """
+    return torch.classes.lrfuse.TensorRefs(tensors) if _C is not None else None
 
 
 def _warn_reference(device: torch.device) -> None:

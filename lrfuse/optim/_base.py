@@ -32,6 +32,7 @@ class _Call:
     grad_index: list[int] = field(default_factory=list)  # where each gradient sits in the step's flat list
     complex_at: list[int] = field(default_factory=list)  # entries passed through view_as_real
     takes_all: bool = False  # the step's flat gradient list is this call's list as it is
+    refs: object = None      # C++ references to params, state and steps (ops.hold_refs)
 
     def refresh(self, grads: list[Tensor | None]) -> None:
         """Takes this step's gradients (backward may have replaced them)."""
@@ -157,6 +158,8 @@ class _FusedStep:
             plan = self._build(grads)
             plan.key, plan.params, plan.has_grad = key, params, has_grad
             plan.states = list(self.state.values())
+            for call in plan.calls.values():  # the kept tensors box cheaply from now on
+                call.refs = ops.hold_refs([*call.params, *itertools.chain(*call.states), *call.steps])
             self.__dict__["_plan_cache"] = plan
             return plan.calls, grads
         if not plan.checked_natively:
