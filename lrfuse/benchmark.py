@@ -420,8 +420,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"Machine: {m['cpu_model']} ({m['cpu_count']} CPUs, {m['threads']} threads, kernel variant {m['cpu_isa']}), "
         f"torch {m['torch']}, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "") +
-        f"; best measured bandwidth {bw:.1f} GB/s ({result['bandwidth']['before']['how']}; `BW` is the best "
-        f"probe run beside each row, `% of BW` is against it); "
+        f"; best measured bandwidth {bw:.1f} GB/s ({result['bandwidth']['before']['how']}; `BW` is the "
+        f"probe's median in the row's own alternating blocks, `% of BW` is against it); "
         f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}.",
         "",
         "| workload | optimizer | lrfuse ms | for-loop ms | foreach ms | fused ms | lrfuse GB/s | BW GB/s "
