@@ -19,6 +19,8 @@ PAIRS = {
 
 # torch's default float32 tolerances.
 FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
+# One unit in the last place of bfloat16 / float16, relative.
+ULP = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 GradRule = Callable[[int, int], bool]  # (step, tensor index) -> has a gradient this step
 
@@ -78,3 +80,34 @@ def assert_same(fused, oracle, params, ref_params, tol, where: str) -> None:
         for key, value in theirs.items():
             torch.testing.assert_close(mine[key].cpu(), value.cpu(), **tol,
                                        msg=lambda m: f"{where}, param {i}, state {key!r}: {m}")
+
+
+def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) -> None:
+    """bf16/fp16 ``params`` and state: each step, from identical values, the fused result must
+    equal torch's float32 update (for-loop) rounded to the dtype, within one unit in the last
+    place. Starting every compared step from the same values keeps rounding from compounding, as
+    torch's own optimizer tests do."""
+    fused_cls, torch_cls = PAIRS[name]
+    dtype = params[0].dtype
+    ref = [leaf(p.detach().float()) for p in params]
+    kwargs = {"momentum": 0.9, "centered": True} if name == "rmsprop" else {"amsgrad": True}
+    fused = fused_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
+    oracle = torch_cls(ref, lr=1e-2, weight_decay=0.01, foreach=False, **kwargs)
+    for step in range(steps):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            with torch.no_grad():
+                q.copy_(p)
+            q.grad = p.grad.float()
+        if step:  # from the second step on, state exists: start the oracle from ours
+            for p, q in zip(params, ref):
+                for key, value in fused.state[p].items():
+                    oracle.state[q][key].copy_(value)
+        fused.step()
+        oracle.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p.float(), q.to(dtype).float(), rtol=ULP[dtype], atol=1e-6)
+            for key, value in oracle.state[q].items():
+                if key != "step":
+                    torch.testing.assert_close(fused.state[p][key].float(), value.to(dtype).float(),
+                                               rtol=ULP[dtype], atol=1e-6)

@@ -11,7 +11,7 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from parity import FP32, PAIRS, assert_same, clone_like, leaf, run_parity
+from parity import FP32, PAIRS, ULP, assert_same, clone_like, leaf, run_low_precision, run_parity
 
 pytestmark = [
     pytest.mark.cuda,
@@ -20,7 +20,6 @@ pytestmark = [
 
 DEV = torch.device("cuda", 0)
 CHUNK = 65536  # kChunkSize in csrc/cuda/multi_tensor_apply.cuh: bigger tensors span several blocks
-LOW = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 def test_cuda_kernels_are_built():
@@ -113,35 +112,10 @@ def test_more_tensors_and_chunks_than_one_launch_holds():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
 def test_low_precision_matches_fp32_math(name, dtype):
-    """bf16/fp16 parameters and state: each step, from identical values, the fused result equals
-    torch's float32 update rounded to the dtype, within one unit in the last place."""
-    fused_cls, torch_cls = PAIRS[name]
     torch.manual_seed(9)
-    params = [leaf(torch.randn(257, device=DEV).to(dtype)), leaf(torch.randn(16, 9, device=DEV).to(dtype).t()),
-              leaf(torch.randn(CHUNK + 9, device=DEV).to(dtype))]
-    ref = [leaf(p.detach().float()) for p in params]
-    kwargs = {"momentum": 0.9, "centered": True} if name == "rmsprop" else {"amsgrad": True}
-    fused = fused_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
-    oracle = torch_cls(ref, lr=1e-2, weight_decay=0.01, foreach=False, **kwargs)
-    ulp = LOW[dtype]
-    for step in range(20):
-        for p, q in zip(params, ref):
-            p.grad = torch.randn_like(p)
-            with torch.no_grad():
-                q.copy_(p)
-            q.grad = p.grad.float()
-        if step:  # from the second step on, state exists: start the oracle from ours
-            for p, q in zip(params, ref):
-                for key, value in fused.state[p].items():
-                    oracle.state[q][key].copy_(value)
-        fused.step()
-        oracle.step()
-        for p, q in zip(params, ref):
-            torch.testing.assert_close(p.float(), q.to(dtype).float(), rtol=ulp, atol=1e-6)
-            for key, value in oracle.state[q].items():
-                if key != "step":
-                    torch.testing.assert_close(fused.state[p][key].float(), value.to(dtype).float(),
-                                               rtol=ulp, atol=1e-6)
+    run_low_precision(name, [leaf(torch.randn(257, device=DEV).to(dtype)),
+                             leaf(torch.randn(16, 9, device=DEV).to(dtype).t()),
+                             leaf(torch.randn(CHUNK + 9, device=DEV).to(dtype))])
 
 
 def test_mixed_dtypes_in_one_optimizer_match_one_dtype_each():
@@ -207,7 +181,7 @@ def test_cpu_and_cuda_kernels_agree(name, dtype):
         op(*cpu)
         op(*gpu)
     tol = {torch.float32: FP32, torch.float64: {"rtol": 1e-12, "atol": 1e-12},
-           torch.bfloat16: {"rtol": LOW[torch.bfloat16], "atol": 1e-6}}[dtype]
+           torch.bfloat16: {"rtol": ULP[torch.bfloat16], "atol": 1e-6}}[dtype]
     for i, (mine, theirs) in enumerate(zip(cpu, gpu)):
         if isinstance(mine, list) and mine and isinstance(mine[0], torch.Tensor):
             for a, b in zip(mine, theirs):
@@ -371,6 +345,6 @@ def test_tensor_over_2_31_elements():
     opt.step()
     oracle.step()
     for q, s in zip(ref, spans):
-        torch.testing.assert_close(p.detach()[s].float(), q.to(torch.bfloat16).float(), rtol=LOW[torch.bfloat16],
+        torch.testing.assert_close(p.detach()[s].float(), q.to(torch.bfloat16).float(), rtol=ULP[torch.bfloat16],
                                    atol=1e-6)
     assert opt.state[p]["step"].item() == 1

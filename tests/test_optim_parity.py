@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrfuse
-from parity import FP32, PAIRS, assert_same, clone_like, leaf, run_parity
+from parity import FP32, assert_same, clone_like, leaf, run_low_precision, run_parity
 
 
 @pytest.fixture(params=["native", "reference"], autouse=True)
@@ -156,40 +156,11 @@ def test_tensor_lr():
     run_parity("adam", [{"params": [leaf(torch.randn(20))]}], lr=torch.tensor(0.01))
 
 
-LOW = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
 def test_low_precision_matches_fp32_math(name, dtype):
-    """bf16/fp16 parameters and state: each step, from identical values, the fused result equals
-    torch's float32 update rounded to the dtype, within one unit in the last place."""
-    fused_cls, torch_cls = PAIRS[name]
     torch.manual_seed(9)
-    params = [leaf(torch.randn(257).to(dtype)), leaf(torch.randn(16, 9).to(dtype).t())]
-    ref = [leaf(p.detach().float()) for p in params]
-    kwargs = {"momentum": 0.9, "centered": True} if name == "rmsprop" else {"amsgrad": True}
-    fused = fused_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
-    oracle = torch_cls(ref, lr=1e-2, weight_decay=0.01, foreach=False, **kwargs)
-    ulp = LOW[dtype]
-    for step in range(20):
-        for p, q in zip(params, ref):
-            p.grad = torch.randn_like(p)
-            with torch.no_grad():
-                q.copy_(p)
-            q.grad = p.grad.float()
-        if step:  # from the second step on, state exists: start the oracle from ours
-            for p, q in zip(params, ref):
-                for key, value in fused.state[p].items():
-                    oracle.state[q][key].copy_(value)
-        fused.step()
-        oracle.step()
-        for p, q in zip(params, ref):
-            torch.testing.assert_close(p.float(), q.to(dtype).float(), rtol=ulp, atol=1e-6)
-            for key, value in oracle.state[q].items():
-                if key != "step":
-                    torch.testing.assert_close(fused.state[p][key].float(), value.to(dtype).float(),
-                                               rtol=ulp, atol=1e-6)
+    run_low_precision(name, [leaf(torch.randn(257).to(dtype)), leaf(torch.randn(16, 9).to(dtype).t())])
 
 
 def test_mixed_dtypes_in_one_optimizer():

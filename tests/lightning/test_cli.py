@@ -52,7 +52,7 @@ def test_flags_optimizer_and_callbacks(tmp_path):
 
 def test_yaml_class_path_init_args_and_torch_lr_scheduler(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(f"""
+    config.write_text("""
 trainer:
   callbacks:
     - class_path: lrfuse.LRSchedule
