@@ -111,3 +111,29 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
                 if key != "step":
                     torch.testing.assert_close(fused.state[p][key].float(), value.to(dtype).float(),
                                                rtol=ULP[dtype], atol=1e-6)
+
+
+def run_compiled_with_lr_changes(params: list[torch.Tensor], steps: int = 4) -> None:
+    """FusedAdam's step under ``torch.compile(fullgraph=True)`` with a tensor lr on the parameters'
+    device (what torch recommends for compiled optimizers): a new lr value is seen without a
+    recompile, and parameters and state follow torch.optim.Adam every step. Step 0 runs eagerly to
+    create the state (its creation would otherwise be one more graph)."""
+    ref = [clone_like(p) for p in params]
+    opt = lrfuse.FusedAdam(params, lr=torch.tensor(0.01, device=params[0].device))
+    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(opt.step, fullgraph=True)
+    for step in range(steps):
+        lr = 0.01 * 0.5**step
+        opt.param_groups[0]["lr"].fill_(lr)
+        ref_opt.param_groups[0]["lr"] = lr
+        for p, q in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step == 0:
+            opt.step()
+        else:
+            with torch._dynamo.config.patch(error_on_recompile=step > 1):
+                compiled()
+        ref_opt.step()
+        assert_same(opt, ref_opt, params, ref, FP32, f"compiled step {step}")

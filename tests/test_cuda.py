@@ -11,7 +11,8 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from parity import FP32, PAIRS, ULP, assert_same, clone_like, leaf, run_low_precision, run_parity
+from parity import (FP32, PAIRS, ULP, assert_same, clone_like, leaf, run_compiled_with_lr_changes, run_low_precision,
+                    run_parity)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -238,26 +239,7 @@ def test_cuda_graph_replays_a_step_with_a_new_lr():
 
 def test_compiled_step_does_not_recompile_when_lr_changes():
     torch.manual_seed(6)
-    params = [leaf(torch.randn(6, 4, device=DEV)), leaf(torch.randn(2 * CHUNK, device=DEV))]
-    ref = [clone_like(p) for p in params]
-    opt = lrfuse.FusedAdam(params, lr=torch.tensor(0.01, device=DEV))
-    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
-    torch._dynamo.reset()
-    compiled = torch.compile(opt.step, fullgraph=True)
-    for step in range(4):
-        lr = 0.01 * 0.5**step
-        opt.param_groups[0]["lr"].fill_(lr)
-        ref_opt.param_groups[0]["lr"] = lr
-        for p, q in zip(params, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        if step == 0:
-            opt.step()  # creates the state eagerly (its creation would be one more graph)
-        else:
-            with torch._dynamo.config.patch(error_on_recompile=step > 1):
-                compiled()
-        ref_opt.step()
-        assert_same(opt, ref_opt, params, ref, FP32, f"step {step}")
+    run_compiled_with_lr_changes([leaf(torch.randn(6, 4, device=DEV)), leaf(torch.randn(2 * CHUNK, device=DEV))])
 
 
 def amp_model():

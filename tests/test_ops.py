@@ -11,7 +11,7 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from parity import leaf
+from parity import leaf, run_compiled_with_lr_changes
 
 native = pytest.mark.skipif(ops.backend("cpu") != "native", reason="lrfuse._C is not built")
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,28 +127,5 @@ def test_step_hooks_run():
 
 @native
 def test_compiled_step_does_not_recompile_when_lr_changes():
-    """With a tensor lr (what torch recommends for compiled optimizers), changing its value is seen
-    by the compiled step without a recompile; results follow torch.optim.Adam. Step 0 runs eagerly
-    to create the state (its creation would otherwise be one more graph)."""
     torch.manual_seed(0)
-    params = [leaf(torch.randn(6, 4)), leaf(torch.randn(4))]
-    ref = [leaf(p.detach().clone()) for p in params]
-    opt = lrfuse.FusedAdam(params, lr=torch.tensor(0.01))
-    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
-    torch._dynamo.reset()
-    compiled = torch.compile(opt.step, fullgraph=True)
-    for step in range(4):
-        lr = 0.01 * 0.5**step
-        opt.param_groups[0]["lr"].fill_(lr)
-        ref_opt.param_groups[0]["lr"] = lr
-        for p, q in zip(params, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        if step == 0:
-            opt.step()
-        else:
-            with torch._dynamo.config.patch(error_on_recompile=step > 1):
-                compiled()
-        ref_opt.step()
-        for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q)
+    run_compiled_with_lr_changes([leaf(torch.randn(6, 4)), leaf(torch.randn(4))])
