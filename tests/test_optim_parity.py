@@ -151,6 +151,36 @@ def test_lr_change_between_steps_takes_effect():
         assert_same(fused, oracle, params, ref_params, FP32, f"step {step}")
 
 
+def test_every_kind_of_hyperparameter_change_takes_effect():
+    """What schedulers and users do between steps: a new number, a tensor lr changed in place
+    (and later replaced), a new betas tuple (OneCycleLR's momentum), betas as a list edited in
+    place, weight decay switched on, a number set back to a value it had before."""
+    torch.manual_seed(11)
+    params = [leaf(torch.randn(12)), leaf(torch.randn(5, 3))]
+    ref = [clone_like(p) for p in params]
+    groups = [{"params": [params[0]], "lr": torch.tensor(0.01)}, {"params": [params[1]], "betas": [0.9, 0.999]}]
+    ref_groups = [{"params": [ref[0]], "lr": 0.01}, {"params": [ref[1]], "betas": (0.9, 0.999)}]
+    fused, oracle = lrfuse.FusedAdamW(groups, lr=0.02), torch.optim.AdamW(ref_groups, lr=0.02, foreach=False)
+    changes = [
+        lambda f, o: (f[0]["lr"].fill_(0.005), o[0].__setitem__("lr", 0.005)),
+        lambda f, o: [g.__setitem__("betas", (0.8, g["betas"][1])) for g in (f[0], o[0])],
+        lambda f, o: (f[1]["betas"].__setitem__(0, 0.7), o[1].__setitem__("betas", (0.7, 0.999))),
+        lambda f, o: [g.__setitem__("weight_decay", 0.1) for g in (f[1], o[1])],
+        lambda f, o: [g.__setitem__("lr", 0.02) for g in (f[1], o[1])],
+        lambda f, o: (f[0].__setitem__("lr", torch.tensor(0.03)), o[0].__setitem__("lr", 0.03)),
+        lambda f, o: [g.__setitem__("lr", 0.01) for g in (f[1], o[1])],
+    ]
+    for step in range(2 * len(changes)):
+        if step % 2 == 1:  # a step with the change, then one without
+            changes[step // 2](fused.param_groups, oracle.param_groups)
+        for p, q in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        oracle.step()
+        assert_same(fused, oracle, params, ref, FP32, f"step {step}")
+
+
 def test_tensor_lr():
     torch.manual_seed(8)
     run_parity("adam", [{"params": [leaf(torch.randn(20))]}], lr=torch.tensor(0.01))

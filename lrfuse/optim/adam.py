@@ -16,10 +16,11 @@ class _AdamStep(_FusedStep):
     _state_keys = ("exp_avg", "exp_avg_sq")
     _optional_state_keys = ("max_exp_avg_sq",)
 
-    def _row(self, group: dict) -> list:
-        beta1, beta2 = group["betas"]
-        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                float(group["maximize"]), float(group["decoupled_weight_decay"])]
+    _row_keys = ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay")
+
+    def _row(self, values: tuple) -> list:
+        lr, (beta1, beta2), eps, weight_decay, maximize, decoupled = values
+        return [lr, beta1, beta2, eps, weight_decay, float(maximize), float(decoupled)]
 
     def _uses(self, group: dict) -> tuple[bool, ...]:
         return (bool(group["amsgrad"]),)

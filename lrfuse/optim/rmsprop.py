@@ -31,9 +31,11 @@ class FusedRMSprop(_FusedStep, torch.optim.RMSprop):
     _state_keys = ("square_avg",)
     _optional_state_keys = ("momentum_buffer", "grad_avg")
 
-    def _row(self, group: dict) -> list:
-        return [group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
-                float(group["maximize"])]
+    _row_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "maximize")
+
+    def _row(self, values: tuple) -> list:
+        lr, alpha, eps, weight_decay, momentum, maximize = values
+        return [lr, alpha, eps, weight_decay, momentum, float(maximize)]
 
     def _uses(self, group: dict) -> tuple[bool, ...]:
         return (group["momentum"] > 0, bool(group["centered"]))
