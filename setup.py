@@ -37,6 +37,10 @@ ROOT = Path(__file__).parent
 with_cuda = WANT_CUDA != "0" and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 if WANT_CUDA == "1" and not with_cuda:
     raise RuntimeError(f"LRFUSE_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc was not found")
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # torch takes the architectures from the visible GPUs and fails when there is none: build for
+    # Ampere and Hopper, with PTX that newer GPUs compile at load time.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
 cxx_flags = [
