@@ -145,8 +145,12 @@ def test_op_rejects_bad_arguments_before_writing(change, match):
         assert torch.equal(s, b)
 
 
-def test_expanded_state_updates_nothing():
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_expanded_state_updates_nothing(backend, monkeypatch):
     """State is written like the parameter: an expanded view (stride 0) would be written many times."""
+    if backend == "native" and lrfuse.ops.backend("cpu") != "native":
+        pytest.skip("lrfuse._C is not built")
+    monkeypatch.setattr(lrfuse.ops, "_forced", None if backend == "native" else "reference")
     opt, a, b = trained_optimizer()
     opt.state[b] = {**opt.state[b], "exp_avg": torch.zeros(1).expand(5)}
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)

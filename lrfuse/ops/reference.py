@@ -15,6 +15,16 @@ def _opmath(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _check_written(op: str, **lists: list[torch.Tensor]) -> None:
+    """Raises before any write if a tensor the op writes has overlapping memory (as the native
+    checks do): an expanded view would be written many times, and copy_ refuses it mid-loop."""
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if torch._debug_has_internal_overlap(t) == 1:
+                raise RuntimeError(f"{op}: {name}[{i}] has overlapping memory (an expanded view); "
+                                   "give it memory of its own (e.g. .clone())")
+
+
 def _skip(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item())
 
@@ -28,6 +38,8 @@ def _grad(g: torch.Tensor, grad_scale: torch.Tensor | None, maximize: float) -> 
 
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of, hyper,
                 grad_scale=None, found_inf=None) -> None:
+    _check_written("fused_adam_", params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                   max_exp_avg_sqs=max_exp_avg_sqs)
     if _skip(found_inf):
         return
     rows = hyper.tolist()
@@ -57,6 +69,8 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gr
 
 def fused_rmsprop_(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of, hyper,
                    grad_scale=None, found_inf=None) -> None:
+    _check_written("fused_rmsprop_", params=params, square_avgs=square_avgs, momentum_buffers=momentum_buffers,
+                   grad_avgs=grad_avgs)
     if _skip(found_inf):
         return
     rows = hyper.tolist()
