@@ -72,6 +72,16 @@ def run_parity(
     return fused, oracle
 
 
+def step_both(params, ref, fused, oracle, where: str) -> None:
+    """One step of both optimizers with the same random gradients, then :func:`assert_same`."""
+    for p, q in zip(params, ref):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    fused.step()
+    oracle.step()
+    assert_same(fused, oracle, params, ref, FP32, where)
+
+
 def assert_same(fused, oracle, params, ref_params, tol, where: str) -> None:
     for i, (p, q) in enumerate(zip(params, ref_params)):
         torch.testing.assert_close(p, q.to(p.device), **tol, msg=lambda m: f"{where}, param {i}: {m}")

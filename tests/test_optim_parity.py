@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrfuse
-from parity import FP32, assert_same, clone_like, leaf, run_low_precision, run_parity
+from parity import clone_like, leaf, run_low_precision, run_parity, step_both
 
 
 @pytest.fixture(params=["native", "reference"], autouse=True)
@@ -143,12 +143,7 @@ def test_lr_change_between_steps_takes_effect():
         for opt in (fused, oracle):
             for k, group in enumerate(opt.param_groups):
                 group["lr"] = 1e-2 * 0.7**step * (k + 1)
-        for p, q in zip(params, ref_params):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fused.step()
-        oracle.step()
-        assert_same(fused, oracle, params, ref_params, FP32, f"step {step}")
+        step_both(params, ref_params, fused, oracle, f"step {step}")
 
 
 def test_every_kind_of_hyperparameter_change_takes_effect():
@@ -173,12 +168,7 @@ def test_every_kind_of_hyperparameter_change_takes_effect():
     for step in range(2 * len(changes)):
         if step % 2 == 1:  # a step with the change, then one without
             changes[step // 2](fused.param_groups, oracle.param_groups)
-        for p, q in zip(params, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fused.step()
-        oracle.step()
-        assert_same(fused, oracle, params, ref, FP32, f"step {step}")
+        step_both(params, ref, fused, oracle, f"step {step}")
 
 
 def test_tensor_lr():

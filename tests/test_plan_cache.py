@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lrfuse
-from parity import FP32, assert_same, clone_like, leaf
+from parity import clone_like, leaf, step_both
 
 
 def pair(lr=1e-2):
@@ -16,15 +16,6 @@ def pair(lr=1e-2):
     params = [leaf(torch.randn(6, 5)), leaf(torch.randn(5))]
     ref = [clone_like(p) for p in params]
     return params, ref, lrfuse.FusedAdam(params, lr=lr), torch.optim.Adam(ref, lr=lr, foreach=False)
-
-
-def step_both(params, ref, fused, oracle, where):
-    for p, q in zip(params, ref):
-        p.grad = torch.randn_like(p)
-        q.grad = p.grad.clone()
-    fused.step()
-    oracle.step()
-    assert_same(fused, oracle, params, ref, FP32, where)
 
 
 def test_load_state_dict_into_a_stepped_optimizer():
