@@ -1,11 +1,5 @@
-// Multi-tensor apply: one launch updates chunks of many tensors (of any parameter group).
-//
-// The host packs, per launch, the tensors' addresses, sizes, group rows and step pointers into
-// the kernel's parameter struct (no device buffer to fill, so nothing to allocate or copy in the
-// step, and a captured CUDA graph keeps the struct by value). Each block handles one chunk of
-// one tensor; `block_tensor` / `block_chunk` say which. CUDA 12.1+ on Volta+ accepts 32 KB of
-// kernel parameters, so a launch carries hundreds of tensors instead of the ~36 that the old
-// 4 KB limit allowed: two thousand small tensors take a handful of launches.
+// Multi-tensor apply: one launch updates chunks of many tensors (of any parameter group); how
+// they are packed into launches is launch_plan.h's.
 //
 // Steps: a tensor that fits in one chunk is owned by one block, which reads the step and writes
 // step + 1 itself. A tensor of several chunks is read by several blocks, maybe across launches,
@@ -23,47 +17,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "launch_plan.h"
+
 namespace lrfuse::cuda {
 
 constexpr int kBlockSize = 512;
-// Elements per block; a multiple of every vector width, so every chunk of an aligned tensor
-// starts aligned.
-constexpr int64_t kChunkSize = 65536;
-// Kernel parameter space (32764 bytes since CUDA 12.1), less a margin for the other arguments.
-constexpr size_t kParamBudget = 32000;
-
-// Pointers every block of a call reads on the device: no value of them crosses to the host.
-struct Common {
-  const double* hyper;      // (groups, columns) float64
-  const float* grad_scale;  // null: gradients are not scaled
-  const float* found_inf;   // null or 0: apply the step; otherwise skip everything
-};
-
-template <int kDepth>
-struct TensorListMeta {
-  static constexpr int kMaxBlocks = 1024;
-  static constexpr int kMaxTensors =
-      (kParamBudget - sizeof(Common) - kMaxBlocks * (sizeof(uint16_t) + sizeof(int32_t))) /
-      (kDepth * sizeof(void*) + sizeof(int64_t) + sizeof(float*) + sizeof(int32_t) + sizeof(uint8_t) + 3);
-  static_assert(kMaxTensors < 65536, "block_tensor is 16-bit");
-
-  void* addresses[kDepth][kMaxTensors];  // [0] param, [1] grad, then state in the op's order
-  int64_t numel[kMaxTensors];
-  float* step[kMaxTensors];
-  int32_t group[kMaxTensors];
-  uint8_t owns_step[kMaxTensors];  // one chunk: its block writes step + 1
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
-};
-
-struct StepList {
-  static constexpr int kMax = (kParamBudget - sizeof(const float*) - sizeof(int)) / sizeof(float*);
-  float* step[kMax];
-  int count;
-};
-
-static_assert(sizeof(TensorListMeta<5>) + sizeof(Common) <= kParamBudget + 64, "kernel parameters too large");
-static_assert(sizeof(StepList) + sizeof(const float*) <= kParamBudget + 64, "kernel parameters too large");
 
 inline __device__ bool skip_step(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
 
@@ -123,7 +81,7 @@ __device__ __forceinline__ void chunk_loop(scalar_t* const (&ptr)[kDepth], int n
   }
 }
 
-// This block's chunk: operand pointers at its first element and its length (64-bit offsets).
+// This block's chunk: operand pointers at its first element, its length and its tensor's slot.
 template <typename scalar_t, int kDepth>
 struct Chunk {
   scalar_t* ptr[kDepth];
@@ -133,13 +91,12 @@ struct Chunk {
 
 template <typename scalar_t, int kDepth>
 __device__ __forceinline__ Chunk<scalar_t, kDepth> block_chunk(const TensorListMeta<kDepth>& meta) {
+  const Extent e = block_extent(meta, blockIdx.x);
   Chunk<scalar_t, kDepth> c;
-  c.tensor = meta.block_tensor[blockIdx.x];
-  const int64_t base = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t left = meta.numel[c.tensor] - base;
-  c.n = static_cast<int>(left < kChunkSize ? left : kChunkSize);
+  c.tensor = e.tensor;
+  c.n = e.n;
 #pragma unroll
-  for (int k = 0; k < kDepth; ++k) c.ptr[k] = static_cast<scalar_t*>(meta.addresses[k][c.tensor]) + base;
+  for (int k = 0; k < kDepth; ++k) c.ptr[k] = static_cast<scalar_t*>(meta.addresses[k][e.tensor]) + e.offset;
   return c;
 }
 
@@ -164,8 +121,10 @@ class MultiTensorCall {
         e.operands[k] = flat ? lists[k][i] : lists[k][i].contiguous();
         if (!flat && k != 1 && !e.operands[k].is_same(lists[k][i])) copy_back_.push_back({lists[k][i], e.operands[k]});
       }
-      e.step = steps[i].data_ptr<float>();
-      e.group = static_cast<int32_t>(group_of[i]);
+      for (int k = 0; k < kDepth; ++k) e.slot.addresses[k] = e.operands[k].data_ptr();
+      e.slot.numel = p.numel();
+      e.slot.step = steps[i].data_ptr<float>();
+      e.slot.group = static_cast<int32_t>(group_of[i]);
       entries_.push_back(std::move(e));
     }
   }
@@ -173,44 +132,10 @@ class MultiTensorCall {
   // Launches the kernels for the tensors of `dtype`; `launch(meta, blocks)` launches one.
   template <typename Launch>
   void run(at::ScalarType dtype, const Launch& launch) {
-    using Meta = TensorListMeta<kDepth>;
-    Meta meta{};  // filled slots only are read; zeroed so no uninitialised bytes are sent
-    int nt = 0, nb = 0;
-    for (const Entry& e : entries_) {
-      const at::Tensor& p = e.operands[0];
-      if (p.scalar_type() != dtype) continue;
-      const int64_t numel = p.numel();
-      const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-      if (chunks != 1) late_steps_.push_back(e.step);
-      if (chunks == 0) continue;
-      for (int k = 0; k < kDepth; ++k) meta.addresses[k][nt] = e.operands[k].data_ptr();
-      meta.numel[nt] = numel;
-      meta.step[nt] = e.step;
-      meta.group[nt] = e.group;
-      meta.owns_step[nt] = chunks == 1;
-      for (int64_t c = 0; c < chunks; ++c) {
-        meta.block_tensor[nb] = static_cast<uint16_t>(nt);
-        meta.block_chunk[nb] = static_cast<int32_t>(c);
-        ++nb;
-        const bool last_chunk = c == chunks - 1;
-        if (nb == Meta::kMaxBlocks || (last_chunk && nt + 1 == Meta::kMaxTensors)) {
-          launch(meta, nb);
-          nb = 0;
-          if (last_chunk) {
-            nt = -1;
-          } else {  // the tensor goes on in the next launch, as its first slot
-            for (int k = 0; k < kDepth; ++k) meta.addresses[k][0] = meta.addresses[k][nt];
-            meta.numel[0] = meta.numel[nt];
-            meta.step[0] = meta.step[nt];
-            meta.group[0] = meta.group[nt];
-            meta.owns_step[0] = 0;
-            nt = 0;
-          }
-        }
-      }
-      ++nt;
-    }
-    if (nb > 0) launch(meta, nb);
+    LaunchPacker<kDepth> packer;
+    for (const Entry& e : entries_)
+      if (e.operands[0].scalar_type() == dtype && !packer.add(e.slot, launch)) late_steps_.push_back(e.slot.step);
+    packer.flush(launch);
   }
 
   // After every `run`: the steps of multi-chunk and empty tensors, then the temporaries' copy-back.
@@ -240,9 +165,8 @@ class MultiTensorCall {
 
  private:
   struct Entry {
-    std::array<at::Tensor, kDepth> operands;
-    float* step;
-    int32_t group;
+    std::array<at::Tensor, kDepth> operands;  // keeps contiguous temporaries alive
+    TensorSlot<kDepth> slot;
   };
 
   static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
