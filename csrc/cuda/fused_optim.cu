@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kBlockSize)
   __syncthreads();
   const AdamConsts<opmath_t> c = shared;
   const opmath_t scale = common.grad_scale ? static_cast<opmath_t>(*common.grad_scale) : opmath_t(1);
-  chunk_loop<scalar_t, kDepth>(chunk.ptr, chunk.n, [&](opmath_t(&x)[kDepth]) {
+  chunk_loop<scalar_t, opmath_t, kDepth>(chunk.ptr, chunk.n, threadIdx.x, blockDim.x, [&](opmath_t(&x)[kDepth]) {
     const opmath_t g = x[1] / scale;  // dividing by 1 is exact: no branch needed
     if constexpr (kAmsgrad) {
       adam_update(x[0], g, x[2], x[3], x[4], c);
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kBlockSize)
   __syncthreads();
   const RMSpropConsts<opmath_t> c = shared;
   const opmath_t scale = common.grad_scale ? static_cast<opmath_t>(*common.grad_scale) : opmath_t(1);
-  chunk_loop<scalar_t, kDepth>(chunk.ptr, chunk.n, [&](opmath_t(&x)[kDepth]) {
+  chunk_loop<scalar_t, opmath_t, kDepth>(chunk.ptr, chunk.n, threadIdx.x, blockDim.x, [&](opmath_t(&x)[kDepth]) {
     opmath_t no_buf = 0, no_grad_avg = 0;
     rmsprop_update(x[0], x[1] / scale, x[2], kMomentum ? x[kBuf] : no_buf, kCentered ? x[kGradAvg] : no_grad_avg, c);
   });

@@ -1,5 +1,6 @@
-// How the tensors of one CUDA call are packed into launches: the kernel's parameter struct, the
-// packing, and which elements each block updates.
+// Who updates what in a CUDA call: how its tensors are packed into launches (the kernel's
+// parameter struct and the packing), which elements each block updates, and how a block's
+// threads walk them.
 //
 // The host packs, per launch, the tensors' addresses, sizes, group rows and step pointers into
 // the kernel's parameter struct (no device buffer to fill, so nothing to allocate or copy in the
@@ -8,17 +9,19 @@
 // hundreds of tensors instead of the ~36 that the old 4 KB limit allowed.
 //
 // Plain C++ without CUDA headers: the CPU tests compile this file and check that every element
-// of every tensor falls in exactly one block, across launch boundaries and past 2^31 elements
-// (tests/test_launch_plan.py).
+// of every tensor falls in exactly one block, across launch boundaries and past 2^31 elements,
+// and that a block's threads update each of its elements once (tests/test_launch_plan.py).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
-#define LRFUSE_HOST_DEVICE __host__ __device__
+#define LRFUSE_INLINE __host__ __device__ __forceinline__
+#define LRFUSE_UNROLL _Pragma("unroll")
 #else
-#define LRFUSE_HOST_DEVICE
+#define LRFUSE_INLINE inline
+#define LRFUSE_UNROLL
 #endif
 
 namespace lrfuse::cuda {
@@ -80,7 +83,7 @@ struct Extent {
 };
 
 template <int kDepth>
-LRFUSE_HOST_DEVICE inline Extent block_extent(const TensorListMeta<kDepth>& meta, int block) {
+LRFUSE_INLINE Extent block_extent(const TensorListMeta<kDepth>& meta, int block) {
   Extent e;
   e.tensor = meta.block_tensor[block];
   e.offset = static_cast<int64_t>(meta.block_chunk[block]) * kChunkSize;
@@ -143,5 +146,54 @@ class LaunchPacker {
   Meta meta_{};  // filled slots only are read; zeroed so no uninitialised bytes are sent
   int nt_ = 0, nb_ = 0;
 };
+
+template <typename T, int N>
+struct alignas(16) Vec {
+  T val[N];
+};
+
+// Thread `thread` of `threads` runs `op(x)` on its share of the `n` elements at `ptr`: `x[k]` is
+// operand k in `opmath_t`; every operand but the gradient (k = 1) is stored back. 16-byte vector
+// loads when every operand is aligned, element loads otherwise and for the tail.
+template <typename scalar_t, typename opmath_t, int kDepth, typename Op>
+LRFUSE_INLINE void chunk_loop(scalar_t* const (&ptr)[kDepth], int n, int thread, int threads, const Op& op) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  bool aligned = true;
+  LRFUSE_UNROLL
+  for (int k = 0; k < kDepth; ++k) aligned = aligned && reinterpret_cast<uintptr_t>(ptr[k]) % 16 == 0;
+  int start = 0;
+  if (aligned) {
+    using V = Vec<scalar_t, kVec>;
+    const int nvec = n / kVec;
+    for (int v = thread; v < nvec; v += threads) {
+      V r[kDepth];
+      LRFUSE_UNROLL
+      for (int k = 0; k < kDepth; ++k) r[k] = reinterpret_cast<const V*>(ptr[k])[v];
+      LRFUSE_UNROLL
+      for (int j = 0; j < kVec; ++j) {
+        opmath_t x[kDepth];
+        LRFUSE_UNROLL
+        for (int k = 0; k < kDepth; ++k) x[k] = static_cast<opmath_t>(r[k].val[j]);
+        op(x);
+        LRFUSE_UNROLL
+        for (int k = 0; k < kDepth; ++k)
+          if (k != 1) r[k].val[j] = static_cast<scalar_t>(x[k]);
+      }
+      LRFUSE_UNROLL
+      for (int k = 0; k < kDepth; ++k)
+        if (k != 1) reinterpret_cast<V*>(ptr[k])[v] = r[k];
+    }
+    start = nvec * kVec;
+  }
+  for (int i = start + thread; i < n; i += threads) {
+    opmath_t x[kDepth];
+    LRFUSE_UNROLL
+    for (int k = 0; k < kDepth; ++k) x[k] = static_cast<opmath_t>(ptr[k][i]);
+    op(x);
+    LRFUSE_UNROLL
+    for (int k = 0; k < kDepth; ++k)
+      if (k != 1) ptr[k][i] = static_cast<scalar_t>(x[k]);
+  }
+}
 
 }  // namespace lrfuse::cuda

@@ -31,56 +31,6 @@ __global__ void increment_steps(StepList list, const float* found_inf) {
     *list.step[i] += 1.0f;
 }
 
-template <typename T, int N>
-struct alignas(16) Vec {
-  T val[N];
-};
-
-// Runs `op(x)` on every element of one chunk: `x[k]` is operand k in the math type; every operand
-// but the gradient (k = 1) is stored back. 16-byte vector loads when every operand is aligned,
-// element loads otherwise and for the tail.
-template <typename scalar_t, int kDepth, typename Op>
-__device__ __forceinline__ void chunk_loop(scalar_t* const (&ptr)[kDepth], int n, const Op& op) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  bool aligned = true;
-#pragma unroll
-  for (int k = 0; k < kDepth; ++k) aligned = aligned && reinterpret_cast<uintptr_t>(ptr[k]) % 16 == 0;
-  int start = 0;
-  if (aligned) {
-    using V = Vec<scalar_t, kVec>;
-    const int nvec = n / kVec;
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      V r[kDepth];
-#pragma unroll
-      for (int k = 0; k < kDepth; ++k) r[k] = reinterpret_cast<const V*>(ptr[k])[v];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        opmath_t x[kDepth];
-#pragma unroll
-        for (int k = 0; k < kDepth; ++k) x[k] = static_cast<opmath_t>(r[k].val[j]);
-        op(x);
-#pragma unroll
-        for (int k = 0; k < kDepth; ++k)
-          if (k != 1) r[k].val[j] = static_cast<scalar_t>(x[k]);
-      }
-#pragma unroll
-      for (int k = 0; k < kDepth; ++k)
-        if (k != 1) reinterpret_cast<V*>(ptr[k])[v] = r[k];
-    }
-    start = nvec * kVec;
-  }
-  for (int i = start + threadIdx.x; i < n; i += blockDim.x) {
-    opmath_t x[kDepth];
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k) x[k] = static_cast<opmath_t>(ptr[k][i]);
-    op(x);
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k)
-      if (k != 1) ptr[k][i] = static_cast<scalar_t>(x[k]);
-  }
-}
-
 // This block's chunk: operand pointers at its first element, its length and its tensor's slot.
 template <typename scalar_t, int kDepth>
 struct Chunk {
