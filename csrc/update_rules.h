@@ -13,11 +13,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define LRFUSE_HD __host__ __device__ __forceinline__
-#else
-#define LRFUSE_HD inline __attribute__((always_inline))
-#endif
+#include "host_device.h"
 
 namespace lrfuse {
 

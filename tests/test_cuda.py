@@ -1,47 +1,76 @@
-"""The CUDA kernels: parity with torch.optim on the device, CPU vs CUDA, CUDA graphs, compile, AMP.
+"""The CUDA backend: parity with torch.optim, CPU vs CUDA, CUDA graphs, compile, AMP.
 
-Run on a GPU machine with ``python -m pytest -m cuda tests/test_cuda.py``; everything here skips
-without a CUDA device.
+Tests taking the ``dev`` fixture run twice: on the GPU ("cuda", marked and skipped without one),
+and "emulated": the CUDA backend's own code from tensor lists to launches (csrc/cuda/fused_call.h)
+and of each block (csrc/cuda/kernels.h), built for the host by tests/cuda_emulator.cpp and run on
+CPU tensors, block after block. That runs everywhere, CI included; what only a GPU can show
+(its memory accesses and rounding, races, graphs, compile) is in the tests marked ``cuda``.
+On a GPU machine: ``python -m pytest -m cuda tests`` (or benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import lrfuse
 from lrfuse import ops
+from lrfuse.optim.adam import _AdamStep
 from parity import (FP32, PAIRS, ULP, assert_same, clone_like, leaf, run_compiled_with_lr_changes, run_low_precision,
                     run_parity)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 DEV = torch.device("cuda", 0)
-CHUNK = 65536  # kChunkSize in csrc/cuda/multi_tensor_apply.cuh: bigger tensors span several blocks
+CHUNK = 65536  # kChunkSize in csrc/cuda/launch_plan.h: bigger tensors span several blocks
 
 
+@pytest.fixture(scope="session")
+def cuda_emulator(tmp_path_factory):
+    """tests/cuda_emulator.cpp, compiled against the torch in use (~30 s, once per session)."""
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("building the CUDA emulator needs ninja")
+    root = Path(__file__).resolve().parents[1]
+    return cpp_extension.load(name="lrfuse_cuda_emulator", sources=[str(root / "tests" / "cuda_emulator.cpp")],
+                              extra_include_paths=[str(root / "csrc")], extra_cflags=["-O2"],
+                              build_directory=str(tmp_path_factory.mktemp("cuda_emulator")))
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda]), "emulated"])
+def dev(request, monkeypatch) -> torch.device:
+    """Where the CUDA backend runs: the GPU, or the host (lrfuse's classes call the emulator)."""
+    if request.param == "cuda":
+        return DEV
+    emulator = request.getfixturevalue("cuda_emulator")
+    monkeypatch.setattr(_AdamStep, "_op", staticmethod(emulator.fused_adam_))
+    monkeypatch.setattr(lrfuse.FusedRMSprop, "_op", staticmethod(emulator.fused_rmsprop_))
+    return torch.device("cpu")
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_kernels_are_built():
     """Without them every test below would silently run the pure-PyTorch reference."""
     assert ops.backend(DEV) == "native", "build with LRFUSE_CUDA=1 (lrfuse._C.with_cuda is 0)"
 
 
-def device_groups(name: str) -> list[dict]:
+def device_groups(name: str, dev: torch.device) -> list[dict]:
     """Three groups with their own lr / betas (alpha) / eps / weight decay, and tensors that take
     every path of the kernel: aligned vectors, a scalar tail, an unaligned start, several chunks,
     zero elements, a transposed weight and a non-dense slice (contiguous temporaries)."""
     torch.manual_seed(0)
     tensors = [
-        torch.randn(16, 8, device=DEV),
-        torch.randn(8, device=DEV),
-        torch.randn(33, device=DEV),                         # tail after the vectors
-        torch.randn(1025, device=DEV)[1:],                   # 4-byte offset: the scalar path
-        torch.randn(2 * CHUNK + 123, device=DEV),            # three chunks: the late step update
-        torch.randn(0, device=DEV),                          # no elements; its step still advances
-        torch.randn(12, 9, device=DEV).t(),                  # dense, strides unlike its gradient's
-        torch.randn(10, 6, device=DEV)[:, ::2],              # not dense
+        torch.randn(16, 8, device=dev),
+        torch.randn(8, device=dev),
+        torch.randn(33, device=dev),                         # tail after the vectors
+        torch.randn(1025, device=dev)[1:],                   # 4-byte offset: the scalar path
+        torch.randn(2 * CHUNK + 123, device=dev),            # three chunks: the late step update
+        torch.randn(0, device=dev),                          # no elements; its step still advances
+        torch.randn(12, 9, device=dev).t(),                  # dense, strides unlike its gradient's
+        torch.randn(10, 6, device=dev)[:, ::2],              # not dense
     ]
     ps = [leaf(t) for t in tensors]
     if name == "rmsprop":
@@ -61,50 +90,50 @@ def some_missing(step: int, i: int) -> bool:
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
-def test_groups_with_own_hyperparameters(name):
-    run_parity(name, device_groups(name), steps=25, has_grad=some_missing)
+def test_groups_with_own_hyperparameters(name, dev):
+    run_parity(name, device_groups(name, dev), steps=25, has_grad=some_missing)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_adam_flags(name, amsgrad, maximize):
-    run_parity(name, device_groups(name), has_grad=some_missing, amsgrad=amsgrad, maximize=maximize,
+def test_adam_flags(name, amsgrad, maximize, dev):
+    run_parity(name, device_groups(name, dev), has_grad=some_missing, amsgrad=amsgrad, maximize=maximize,
                weight_decay=0.05)
 
 
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_rmsprop_flags(centered, momentum, maximize):
-    run_parity("rmsprop", device_groups("rmsprop"), has_grad=some_missing, centered=centered,
+def test_rmsprop_flags(centered, momentum, maximize, dev):
+    run_parity("rmsprop", device_groups("rmsprop", dev), has_grad=some_missing, centered=centered,
                momentum=momentum, maximize=maximize)
 
 
-def test_gradients_in_the_parameters_layout():
+def test_gradients_in_the_parameters_layout(dev):
     """Gradients laid out like their parameters (transposed like it): the fused path, no copies."""
-    run_parity("adam", device_groups("adam"), grad_like=lambda p: torch.randn_like(p), amsgrad=True)
+    run_parity("adam", device_groups("adam", dev), grad_like=lambda p: torch.randn_like(p), amsgrad=True)
 
 
-def test_groups_may_differ_in_amsgrad():
+def test_groups_may_differ_in_amsgrad(dev):
     torch.manual_seed(1)
-    groups = [{"params": [leaf(torch.randn(10, device=DEV))], "amsgrad": True},
-              {"params": [leaf(torch.randn(4, 4, device=DEV))]}]
+    groups = [{"params": [leaf(torch.randn(10, device=dev))], "amsgrad": True},
+              {"params": [leaf(torch.randn(4, 4, device=dev))]}]
     run_parity("adam", groups, lr=1e-2)
 
 
-def test_tensor_lr_on_the_device():
+def test_tensor_lr_on_the_device(dev):
     torch.manual_seed(2)
-    run_parity("adam", [{"params": [leaf(torch.randn(20, device=DEV))]}],
-               lr=torch.tensor(0.01, device=DEV))
+    run_parity("adam", [{"params": [leaf(torch.randn(20, device=dev))]}],
+               lr=torch.tensor(0.01, device=dev))
 
 
-def test_more_tensors_and_chunks_than_one_launch_holds():
+def test_more_tensors_and_chunks_than_one_launch_holds(dev):
     """1,200 small tensors in 40 groups and one tensor of 1,100 chunks: the launches split
     between tensors and inside a tensor, and every tensor is updated exactly once."""
     torch.manual_seed(3)
-    small = [leaf(torch.randn(97 + i % 7, device=DEV)) for i in range(1200)]
-    big = leaf(torch.randn(1100 * CHUNK + 5, device=DEV))
+    small = [leaf(torch.randn(97 + i % 7, device=dev)) for i in range(1200)]
+    big = leaf(torch.randn(1100 * CHUNK + 5, device=dev))
     groups = [{"params": small[30 * k:30 * (k + 1)], "lr": 1e-3 * (1 + k)} for k in range(40)]
     groups[20]["params"].append(big)
     run_parity("adam", groups, steps=3)
@@ -112,18 +141,18 @@ def test_more_tensors_and_chunks_than_one_launch_holds():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
-def test_low_precision_matches_fp32_math(name, dtype):
+def test_low_precision_matches_fp32_math(name, dtype, dev):
     torch.manual_seed(9)
-    run_low_precision(name, [leaf(torch.randn(257, device=DEV).to(dtype)),
-                             leaf(torch.randn(16, 9, device=DEV).to(dtype).t()),
-                             leaf(torch.randn(CHUNK + 9, device=DEV).to(dtype))])
+    run_low_precision(name, [leaf(torch.randn(257, device=dev).to(dtype)),
+                             leaf(torch.randn(16, 9, device=dev).to(dtype).t()),
+                             leaf(torch.randn(CHUNK + 9, device=dev).to(dtype))])
 
 
-def test_mixed_dtypes_in_one_optimizer_match_one_dtype_each():
+def test_mixed_dtypes_in_one_optimizer_match_one_dtype_each(dev):
     """One call with four dtypes (one launch each) gives what four single-dtype optimizers give."""
     torch.manual_seed(10)
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-    values = [torch.randn(300, device=DEV).to(d) for d in dtypes]
+    values = [torch.randn(300, device=dev).to(d) for d in dtypes]
     mixed = [leaf(v.clone()) for v in values]
     alone = [leaf(v.clone()) for v in values]
     opt = lrfuse.FusedAdam(mixed, lr=1e-2, weight_decay=0.01)
@@ -175,12 +204,13 @@ def op_args(name: str, device: torch.device, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
-def test_cpu_and_cuda_kernels_agree(name, dtype):
-    op = getattr(torch.ops.lrfuse, f"fused_{name}_")
-    cpu, gpu = op_args(name, torch.device("cpu"), dtype), op_args(name, DEV, dtype)
+def test_cpu_and_cuda_kernels_agree(name, dtype, dev):
+    cpu_op = getattr(torch.ops.lrfuse, f"fused_{name}_")
+    cuda_op = (_AdamStep if name == "adam" else lrfuse.FusedRMSprop)._op  # the emulator's where it runs
+    cpu, gpu = op_args(name, torch.device("cpu"), dtype), op_args(name, dev, dtype)
     for _ in range(1 if dtype == torch.bfloat16 else 3):  # one step: a rounding tie may differ by an ulp
-        op(*cpu)
-        op(*gpu)
+        cpu_op(*cpu)
+        cuda_op(*gpu)
     tol = {torch.float32: FP32, torch.float64: {"rtol": 1e-12, "atol": 1e-12},
            torch.bfloat16: {"rtol": ULP[torch.bfloat16], "atol": 1e-6}}[dtype]
     for i, (mine, theirs) in enumerate(zip(cpu, gpu)):
@@ -190,6 +220,8 @@ def test_cpu_and_cuda_kernels_agree(name, dtype):
     assert all(s.item() == (5.0 if dtype == torch.bfloat16 else 7.0) for s in gpu[5])
 
 
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_graph_replays_a_step_with_a_new_lr():
     """A captured step, replayed with new gradients and a new lr (tensor, fill_) each time,
     follows torch.optim.Adam step by step: the kernel reads lr and step on the device."""
@@ -237,23 +269,25 @@ def test_cuda_graph_replays_a_step_with_a_new_lr():
     assert opt.state[params[2]]["step"].item() == 9  # 3 warm-up steps + 6 replays; the capture ran nothing
 
 
+@pytest.mark.cuda
+@needs_cuda
 def test_compiled_step_does_not_recompile_when_lr_changes():
     torch.manual_seed(6)
     run_compiled_with_lr_changes([leaf(torch.randn(6, 4, device=DEV)), leaf(torch.randn(2 * CHUNK, device=DEV))])
 
 
-def amp_model():
+def amp_model(dev: torch.device):
     torch.manual_seed(7)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).to(DEV)
-    model.register_parameter("big", torch.nn.Parameter(torch.randn(2 * CHUNK + 1, device=DEV)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).to(dev)
+    model.register_parameter("big", torch.nn.Parameter(torch.randn(2 * CHUNK + 1, device=dev)))
     return model
 
 
-def test_grad_scaler_with_an_inf_gradient_changes_nothing():
-    model = amp_model()
+def test_grad_scaler_with_an_inf_gradient_changes_nothing(dev):
+    model = amp_model(dev)
     opt = lrfuse.FusedAdam(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler(DEV.type)
-    x = torch.randn(8, 4, device=DEV)
+    scaler = torch.amp.GradScaler(dev.type)
+    x = torch.randn(8, 4, device=dev)
 
     def loss():
         return model(x).sum() + model.big.square().sum()
@@ -276,15 +310,15 @@ def test_grad_scaler_with_an_inf_gradient_changes_nothing():
 
 
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
-def test_grad_scaler_unscales_inside_the_kernel(name):
+def test_grad_scaler_unscales_inside_the_kernel(name, dev):
     """With a finite scaled gradient the fused step equals torch's on the true gradient."""
     fused_cls, torch_cls = PAIRS[name]
-    model = amp_model()
-    ref_model = amp_model()
+    model = amp_model(dev)
+    ref_model = amp_model(dev)
     opt = fused_cls(model.parameters(), lr=1e-2)
     ref_opt = torch_cls(ref_model.parameters(), lr=1e-2, foreach=False)
-    scaler = torch.amp.GradScaler(DEV.type, init_scale=2.0**10)
-    x = torch.randn(8, 4, device=DEV)
+    scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**10)
+    x = torch.randn(8, 4, device=dev)
     for _ in range(3):
         opt.zero_grad()
         ref_opt.zero_grad()
@@ -297,20 +331,21 @@ def test_grad_scaler_unscales_inside_the_kernel(name):
         torch.testing.assert_close(p, q, **FP32)
 
 
-def test_hyper_table_is_one_tensor_updated_in_place():
+def test_hyper_table_is_one_tensor_updated_in_place(dev):
     """A captured graph keeps the table's address: float changes are written into it."""
-    p = leaf(torch.randn(4, device=DEV))
+    p = leaf(torch.randn(4, device=dev))
     opt = lrfuse.FusedAdam([p], lr=1e-3)
-    table = opt._hyper(DEV)
+    table = opt._hyper(dev)
     opt.param_groups[0]["lr"] = 5e-3
-    assert opt._hyper(DEV) is table
+    assert opt._hyper(dev) is table
     assert table[0, 0].item() == 5e-3
 
 
 HUGE = 2**31 + 4099  # elements: offsets past 2^31 need 64-bit indexing
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 24 * 2**30,
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.mem_get_info()[0] < 24 * 2**30,
                     reason="needs 24 GiB of free GPU memory")
 def test_tensor_over_2_31_elements():
     """A bf16 parameter of more than 2^31 elements: the update at its start, around 2^31 and at

@@ -16,16 +16,11 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LRFUSE_INLINE __host__ __device__ __forceinline__
-#define LRFUSE_UNROLL _Pragma("unroll")
-#else
-#define LRFUSE_INLINE inline
-#define LRFUSE_UNROLL
-#endif
+#include "../host_device.h"
 
 namespace lrfuse::cuda {
 
+constexpr int kBlockSize = 512;  // threads
 // Elements per block; a multiple of every vector width, so every chunk of an aligned tensor
 // starts aligned.
 constexpr int64_t kChunkSize = 65536;
@@ -83,7 +78,7 @@ struct Extent {
 };
 
 template <int kDepth>
-LRFUSE_INLINE Extent block_extent(const TensorListMeta<kDepth>& meta, int block) {
+LRFUSE_HD Extent block_extent(const TensorListMeta<kDepth>& meta, int block) {
   Extent e;
   e.tensor = meta.block_tensor[block];
   e.offset = static_cast<int64_t>(meta.block_chunk[block]) * kChunkSize;
@@ -156,7 +151,7 @@ struct alignas(16) Vec {
 // operand k in `opmath_t`; every operand but the gradient (k = 1) is stored back. 16-byte vector
 // loads when every operand is aligned, element loads otherwise and for the tail.
 template <typename scalar_t, typename opmath_t, int kDepth, typename Op>
-LRFUSE_INLINE void chunk_loop(scalar_t* const (&ptr)[kDepth], int n, int thread, int threads, const Op& op) {
+LRFUSE_HD void chunk_loop(scalar_t* const (&ptr)[kDepth], int n, int thread, int threads, const Op& op) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   bool aligned = true;
   LRFUSE_UNROLL

@@ -1,0 +1,158 @@
+// One fused call of the CUDA backend, from tensor lists to launches, written against a
+// `Launcher` so that it needs ATen but no CUDA: fused_optim.cu passes the one that launches
+// kernels on the current stream; the CPU tests pass one that runs the same blocks on the host
+// (tests/cuda_emulator.cpp). A Launcher has
+//   template <typename Block> static void launch(const typename Block::Meta&, int blocks, const Common&);
+//   static void increment_steps(const std::vector<float*>& steps, const float* found_inf);
+//
+// Steps: a tensor that fits in one chunk is owned by one block, which reads the step and writes
+// step + 1 itself. A tensor of several chunks is read by several blocks, maybe across launches,
+// in no order; they all compute with step + 1 and `increment_steps`, after the last update,
+// writes the new steps (as for a zero-size tensor, whose step still advances as torch's does).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "launch_plan.h"
+
+namespace lrfuse::cuda {
+
+// The tensors of one call and how they are launched. Operands whose layout the flat loop cannot
+// walk (not dense, or strides unlike the parameter's: a transposed weight with a contiguous
+// gradient, a sliced parameter) run on contiguous temporaries that `copy_back` copies back after
+// the launches. That costs an allocation and two copies for those tensors only; it is rare, and
+// the CPU kernel walks strides instead. Every other tensor is updated in place in the fused launch.
+template <int kDepth>
+class MultiTensorCall {
+ public:
+  // lists[0] params, lists[1] grads, then the state lists present (each one per parameter).
+  MultiTensorCall(const std::array<at::TensorList, kDepth>& lists, at::TensorList steps, at::IntArrayRef group_of) {
+    const size_t n = lists[0].size();
+    entries_.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      Entry e;
+      const at::Tensor& p = lists[0][i];
+      bool flat = p.is_non_overlapping_and_dense();
+      for (int k = 1; k < kDepth && flat; ++k) flat = same_layout(p, lists[k][i]);
+      for (int k = 0; k < kDepth; ++k) {
+        e.operands[k] = flat ? lists[k][i] : lists[k][i].contiguous();
+        if (!flat && k != 1 && !e.operands[k].is_same(lists[k][i])) copy_back_.push_back({lists[k][i], e.operands[k]});
+      }
+      for (int k = 0; k < kDepth; ++k) e.slot.addresses[k] = e.operands[k].data_ptr();
+      e.slot.numel = p.numel();
+      e.slot.step = steps[i].data_ptr<float>();
+      e.slot.group = static_cast<int32_t>(group_of[i]);
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  // The dtypes of the parameters, in order of first appearance: one `run` each.
+  std::vector<at::ScalarType> dtypes() const {
+    std::vector<at::ScalarType> out;
+    for (const Entry& e : entries_) {
+      const at::ScalarType t = e.operands[0].scalar_type();
+      if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+    }
+    return out;
+  }
+
+  // Launches the kernels for the tensors of `dtype`; `launch(meta, blocks)` launches one.
+  template <typename Launch>
+  void run(at::ScalarType dtype, const Launch& launch) {
+    LaunchPacker<kDepth> packer;
+    for (const Entry& e : entries_)
+      if (e.operands[0].scalar_type() == dtype && !packer.add(e.slot, launch)) late_steps_.push_back(e.slot.step);
+    packer.flush(launch);
+  }
+
+  // After every `run`: the steps that no block advanced (several chunks, or none).
+  const std::vector<float*>& late_steps() const { return late_steps_; }
+
+  // After the launches: the temporaries' values into the tensors they stand for.
+  void copy_back() {
+    for (auto& [original, temporary] : copy_back_) original.copy_(temporary);
+  }
+
+ private:
+  struct Entry {
+    std::array<at::Tensor, kDepth> operands;  // keeps contiguous temporaries alive
+    TensorSlot<kDepth> slot;
+  };
+
+  static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+    for (int64_t d = 0; d < a.dim(); ++d)
+      if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+    return true;
+  }
+
+  std::vector<Entry> entries_;
+  std::vector<float*> late_steps_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;
+};
+
+inline Common common_of(const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  return {hyper.data_ptr<double>(), grad_scale ? grad_scale->data_ptr<float>() : nullptr,
+          found_inf ? found_inf->data_ptr<float>() : nullptr};
+}
+
+// Every tensor of the lists through `Kernel`: one launch per dtype present (more past a launch's
+// capacity), then the late steps, then the temporaries.
+template <typename Launcher, typename Kernel>
+void fused_launches(const std::array<at::TensorList, Kernel::kDepth>& lists, at::TensorList steps,
+                    at::IntArrayRef group_of, const Common& common) {
+  MultiTensorCall<Kernel::kDepth> call(lists, steps, group_of);
+  for (const at::ScalarType dtype : call.dtypes()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lrfuse_fused_launches", [&] {
+      using Block = typename Kernel::template Block<scalar_t>;
+      call.run(dtype, [&](const typename Kernel::Meta& meta, int blocks) {
+        Launcher::template launch<Block>(meta, blocks, common);
+      });
+    });
+  }
+  Launcher::increment_steps(call.late_steps(), common.found_inf);
+  call.copy_back();
+}
+
+// The ops' bodies after the argument checks (checks.h): which kernel the state lists call for.
+template <typename Launcher>
+void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_of, const Common& common) {
+  if (params.empty()) return;
+  if (max_exp_avg_sqs.empty()) {
+    fused_launches<Launcher, AdamKernel<false>>({params, grads, exp_avgs, exp_avg_sqs}, steps, group_of, common);
+  } else {
+    fused_launches<Launcher, AdamKernel<true>>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps,
+                                               group_of, common);
+  }
+}
+
+template <typename Launcher>
+void fused_rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                   at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList steps,
+                   at::IntArrayRef group_of, const Common& common) {
+  if (params.empty()) return;
+  const bool momentum = !momentum_buffers.empty(), centered = !grad_avgs.empty();
+  if (momentum && centered) {
+    fused_launches<Launcher, RMSpropKernel<true, true>>({params, grads, square_avgs, momentum_buffers, grad_avgs},
+                                                        steps, group_of, common);
+  } else if (momentum) {
+    fused_launches<Launcher, RMSpropKernel<true, false>>({params, grads, square_avgs, momentum_buffers}, steps,
+                                                         group_of, common);
+  } else if (centered) {
+    fused_launches<Launcher, RMSpropKernel<false, true>>({params, grads, square_avgs, grad_avgs}, steps, group_of,
+                                                         common);
+  } else {
+    fused_launches<Launcher, RMSpropKernel<false, false>>({params, grads, square_avgs}, steps, group_of, common);
+  }
+}
+
+}  // namespace lrfuse::cuda
