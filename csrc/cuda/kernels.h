@@ -18,16 +18,17 @@ namespace lrfuse::cuda {
 // found_inf set (GradScaler saw an inf or NaN): nothing is written, no step advances.
 LRFUSE_HD bool skip_step(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.0f; }
 
-// Operand pointers of block `block` at the first element of its chunk.
-template <typename scalar_t, int kDepth>
-LRFUSE_HD void chunk_pointers(const TensorListMeta<kDepth>& meta, const Extent& e, scalar_t* (&ptr)[kDepth]) {
+// Thread `thread`'s share of block `block`: `op(x, scale)` on each of its elements, `x` the
+// operands in the math type (chunk_loop stores all but the gradient back), `scale` GradScaler's.
+template <typename scalar_t, typename opmath_t, int kDepth, typename Op>
+LRFUSE_HD void block_loop(const TensorListMeta<kDepth>& meta, const Common& common, int block, int thread,
+                          int threads, const Op& op) {
+  const Extent e = block_extent(meta, block);
+  scalar_t* ptr[kDepth];
   LRFUSE_UNROLL
   for (int k = 0; k < kDepth; ++k) ptr[k] = static_cast<scalar_t*>(meta.addresses[k][e.tensor]) + e.offset;
-}
-
-template <typename T>
-LRFUSE_HD T grad_scale_of(const Common& common) {
-  return common.grad_scale ? static_cast<T>(*common.grad_scale) : T(1);
+  const opmath_t scale = common.grad_scale ? static_cast<opmath_t>(*common.grad_scale) : opmath_t(1);
+  chunk_loop<scalar_t, opmath_t, kDepth>(ptr, e.n, thread, threads, [&](opmath_t(&x)[kDepth]) { op(x, scale); });
 }
 
 // Operands: param, grad, exp_avg, exp_avg_sq, then max_exp_avg_sq with amsgrad.
@@ -51,11 +52,8 @@ struct AdamKernel {
 
     static LRFUSE_HD void update(const Meta& meta, const Common& common, int block, int thread, int threads,
                                  const Consts c) {
-      const Extent e = block_extent(meta, block);
-      scalar_t* ptr[kDepth];
-      chunk_pointers(meta, e, ptr);
-      const opmath_t scale = grad_scale_of<opmath_t>(common);
-      chunk_loop<scalar_t, opmath_t, kDepth>(ptr, e.n, thread, threads, [&](opmath_t(&x)[kDepth]) {
+      block_loop<scalar_t, opmath_t, kDepth>(meta, common, block, thread, threads,
+                                             [&](opmath_t(&x)[kDepth], opmath_t scale) {
         const opmath_t g = x[1] / scale;  // dividing by 1 is exact: no branch needed
         if constexpr (kAmsgrad) {
           adam_update(x[0], g, x[2], x[3], x[4], c);
@@ -89,11 +87,8 @@ struct RMSpropKernel {
 
     static LRFUSE_HD void update(const Meta& meta, const Common& common, int block, int thread, int threads,
                                  const Consts c) {
-      const Extent e = block_extent(meta, block);
-      scalar_t* ptr[kDepth];
-      chunk_pointers(meta, e, ptr);
-      const opmath_t scale = grad_scale_of<opmath_t>(common);
-      chunk_loop<scalar_t, opmath_t, kDepth>(ptr, e.n, thread, threads, [&](opmath_t(&x)[kDepth]) {
+      block_loop<scalar_t, opmath_t, kDepth>(meta, common, block, thread, threads,
+                                             [&](opmath_t(&x)[kDepth], opmath_t scale) {
         opmath_t no_buf = 0, no_grad_avg = 0;
         rmsprop_update(x[0], x[1] / scale, x[2], kMomentum ? x[kBuf] : no_buf, kCentered ? x[kGradAvg] : no_grad_avg,
                        c);
