@@ -35,7 +35,7 @@ int print_plan() {
       for (int k = 1; k < kDepth; ++k) ok = ok && reinterpret_cast<uintptr_t>(meta.addresses[k][e.tensor]) == first + k;
       std::printf("block %lld %lld %d %lld %d %d %d\n", static_cast<long long>(first / 16 - 1),
                   static_cast<long long>(e.offset), e.n, static_cast<long long>(meta.numel[e.tensor]),
-                  meta.group[e.tensor], meta.owns_step[e.tensor], ok);
+                  meta.group[e.tensor], block_owns_step(meta.numel[e.tensor]), ok);
     }
   };
   LaunchPacker<kDepth> packer;
@@ -47,7 +47,8 @@ int print_plan() {
     t.numel = numel;
     t.step = reinterpret_cast<float*>(base);
     t.group = static_cast<int32_t>(i % 7);
-    if (!packer.add(t, launch)) std::printf("late %lld\n", static_cast<long long>(i));
+    packer.add(t, launch);
+    if (!block_owns_step(t.numel)) std::printf("late %lld\n", static_cast<long long>(i));
   }
   packer.flush(launch);
   return 0;

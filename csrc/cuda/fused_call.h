@@ -68,8 +68,11 @@ class MultiTensorCall {
   template <typename Launch>
   void run(at::ScalarType dtype, const Launch& launch) {
     LaunchPacker<kDepth> packer;
-    for (const Entry& e : entries_)
-      if (e.operands[0].scalar_type() == dtype && !packer.add(e.slot, launch)) late_steps_.push_back(e.slot.step);
+    for (const Entry& e : entries_) {
+      if (e.operands[0].scalar_type() != dtype) continue;
+      packer.add(e.slot, launch);
+      if (!block_owns_step(e.slot.numel)) late_steps_.push_back(e.slot.step);
+    }
     packer.flush(launch);
   }
 
@@ -126,7 +129,6 @@ void fused_launches(const std::array<at::TensorList, Kernel::kDepth>& lists, at:
 template <typename Launcher>
 void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_of, const Common& common) {
-  if (params.empty()) return;
   if (max_exp_avg_sqs.empty()) {
     fused_launches<Launcher, AdamKernel<false>>({params, grads, exp_avgs, exp_avg_sqs}, steps, group_of, common);
   } else {
@@ -139,7 +141,6 @@ template <typename Launcher>
 void fused_rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                    at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList steps,
                    at::IntArrayRef group_of, const Common& common) {
-  if (params.empty()) return;
   const bool momentum = !momentum_buffers.empty(), centered = !grad_avgs.empty();
   if (momentum && centered) {
     fused_launches<Launcher, RMSpropKernel<true, true>>({params, grads, square_avgs, momentum_buffers, grad_avgs},

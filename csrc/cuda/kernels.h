@@ -46,7 +46,7 @@ struct AdamKernel {
     static LRFUSE_HD Consts consts(const Meta& meta, const Common& common, int block) {
       const int t = meta.block_tensor[block];
       const float step = *meta.step[t] + 1.0f;  // as torch: the step counts this update
-      if (meta.owns_step[t]) *meta.step[t] = step;
+      if (block_owns_step(meta.numel[t])) *meta.step[t] = step;
       return adam_consts<opmath_t>(common.hyper + meta.group[t] * adam_col::count, step, kAmsgrad);
     }
 
@@ -81,7 +81,7 @@ struct RMSpropKernel {
 
     static LRFUSE_HD Consts consts(const Meta& meta, const Common& common, int block) {
       const int t = meta.block_tensor[block];
-      if (meta.owns_step[t]) *meta.step[t] += 1.0f;
+      if (block_owns_step(meta.numel[t])) *meta.step[t] += 1.0f;
       return rmsprop_consts<opmath_t>(common.hyper + meta.group[t] * rmsprop_col::count, kCentered, kMomentum);
     }
 

@@ -39,14 +39,13 @@ struct TensorListMeta {
   static constexpr int kMaxBlocks = 1024;
   static constexpr int kMaxTensors =
       (kParamBudget - sizeof(Common) - kMaxBlocks * (sizeof(uint16_t) + sizeof(int32_t))) /
-      (kDepth * sizeof(void*) + sizeof(int64_t) + sizeof(float*) + sizeof(int32_t) + sizeof(uint8_t) + 3);
+      (kDepth * sizeof(void*) + sizeof(int64_t) + sizeof(float*) + sizeof(int32_t));
   static_assert(kMaxTensors < 65536, "block_tensor is 16-bit");
 
   void* addresses[kDepth][kMaxTensors];  // [0] param, [1] grad, then state in the op's order
   int64_t numel[kMaxTensors];
   float* step[kMaxTensors];
   int32_t group[kMaxTensors];
-  uint8_t owns_step[kMaxTensors];  // one chunk: its block writes step + 1
   uint16_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
@@ -69,6 +68,10 @@ struct TensorSlot {
   float* step;
   int32_t group;
 };
+
+// A tensor of one chunk has one block, which advances its step itself; the steps of the others
+// (several chunks, read by blocks in no order, or none) are advanced after the last launch.
+LRFUSE_HD bool block_owns_step(int64_t numel) { return numel > 0 && numel <= kChunkSize; }
 
 // The elements [offset, offset + n) of slot `tensor` that block `block` updates (64-bit offset).
 struct Extent {
@@ -94,14 +97,12 @@ class LaunchPacker {
  public:
   using Meta = TensorListMeta<kDepth>;
 
-  // Adds the chunks of `t`. Returns whether a block advances its step (a tensor of one chunk);
-  // otherwise (several chunks, read by blocks in no order, or none) the caller must, after the
-  // last launch.
+  // Adds the chunks of `t`.
   template <typename Launch>
-  bool add(const TensorSlot<kDepth>& t, const Launch& launch) {
+  void add(const TensorSlot<kDepth>& t, const Launch& launch) {
     const int64_t chunks = (t.numel + kChunkSize - 1) / kChunkSize;
-    if (chunks == 0) return false;
-    set_slot(nt_, t, chunks == 1);
+    if (chunks == 0) return;
+    set_slot(nt_, t);
     for (int64_t c = 0; c < chunks; ++c) {
       meta_.block_tensor[nb_] = static_cast<uint16_t>(nt_);
       meta_.block_chunk[nb_] = static_cast<int32_t>(c);
@@ -112,14 +113,13 @@ class LaunchPacker {
         nb_ = 0;
         if (last_chunk) {
           nt_ = 0;
-          return chunks == 1;
+          return;
         }
-        set_slot(0, t, false);
+        set_slot(0, t);
         nt_ = 0;
       }
     }
     ++nt_;
-    return chunks == 1;
   }
 
   // Launches what is left.
@@ -130,12 +130,11 @@ class LaunchPacker {
   }
 
  private:
-  void set_slot(int slot, const TensorSlot<kDepth>& t, bool owns_step) {
+  void set_slot(int slot, const TensorSlot<kDepth>& t) {
     for (int k = 0; k < kDepth; ++k) meta_.addresses[k][slot] = t.addresses[k];
     meta_.numel[slot] = t.numel;
     meta_.step[slot] = t.step;
     meta_.group[slot] = t.group;
-    meta_.owns_step[slot] = owns_step;
   }
 
   Meta meta_{};  // filled slots only are read; zeroed so no uninitialised bytes are sent
