@@ -24,11 +24,16 @@ void check_like_param(const FusedArgs& a, const char* name, const at::Tensor& t,
               " but params[", i, "] is on ", p.device(), "; move it to the parameter's device");
 }
 
-// State is written like the parameter, so it must also own each of its elements.
-void check_written(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
-  check_like_param(a, name, t, i);
+// A written tensor (parameter or state) must own each of its elements, or one would be written
+// many times.
+void check_owns_elements(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, a.op, ": ", name, "[", i,
               "] has overlapping memory (an expanded view); give it memory of its own (e.g. .clone())");
+}
+
+void check_written(const FusedArgs& a, const char* name, const at::Tensor& t, size_t i) {
+  check_like_param(a, name, t, i);
+  check_owns_elements(a, name, t, i);
 }
 
 void check_scalar(const FusedArgs& a, const char* name, const at::Tensor& t, const at::Device& device) {
@@ -79,8 +84,7 @@ void check_fused_args(const FusedArgs& a) {
                 device, "; all tensors of one call must share a device (call once per device)");
     TORCH_CHECK(a.group_of[i] >= 0 && a.group_of[i] < a.hyper.size(0), a.op, ": group_of[", i, "] is ",
                 a.group_of[i], " but hyper has ", a.hyper.size(0), " rows");
-    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, a.op, ": params[", i,
-                "] has overlapping memory (an expanded view); pass a tensor that owns each element");
+    check_owns_elements(a, "params", p, i);
     check_like_param(a, "grads", a.grads[i], i);
     for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
     for (const auto& [name, list] : a.optional_states)
