@@ -276,7 +276,7 @@ class _FusedStep:
             table[r, c].copy_(v)
         return table
 
-    def _write_hyper(self, device: torch.device, sources: list[tuple] | None, cached: _Hyper | None) -> _Hyper:
+    def _write_hyper(self, device: torch.device, sources: list[tuple], cached: _Hyper | None) -> _Hyper:
         """The table entry for ``sources``: ``cached``'s table, rewritten if a number changed."""
         floats = []
         tensor_cells = []
