@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -95,8 +96,6 @@ def test_sparse_gradient_on_a_kept_plan_is_named():
 
 def test_optimizer_with_a_kept_plan_copies_and_pickles():
     """The kept plan (and its C++ references) stays out of copies: they rebuild their own."""
-    import pickle
-
     params, ref, fused, oracle = pair()
     step_both(params, ref, fused, oracle, "first")
     for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
