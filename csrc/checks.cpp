@@ -43,6 +43,15 @@ void check_scalar(const FusedArgs& a, const char* name, const at::Tensor& t, con
               device, "; move it to the parameters' device");
 }
 
+// torch keeps `step` in float32, or float64 under torch.set_default_dtype(torch.float64).
+void check_step(const FusedArgs& a, const at::Tensor& t, size_t i, const at::Device& device) {
+  TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble), a.op,
+              ": steps[", i, "] must be a one-element float32 or float64 tensor, got ", t.scalar_type(), " with ",
+              t.numel(), " elements");
+  TORCH_CHECK(t.device() == device, a.op, ": steps[", i, "] is on ", t.device(), " but params are on ", device,
+              "; move it to the parameters' device");
+}
+
 }  // namespace
 
 void check_fused_args(const FusedArgs& a) {
@@ -89,7 +98,7 @@ void check_fused_args(const FusedArgs& a) {
     for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
     for (const auto& [name, list] : a.optional_states)
       if (!list.empty()) check_written(a, name, list[i], i);
-    check_scalar(a, "steps[i]", a.steps[i], device);
+    check_step(a, a.steps[i], i, device);
     if (p.numel() > 0) starts.emplace_back(p.data_ptr(), i);
   }
   // A parameter passed twice would be updated twice.

@@ -6,6 +6,9 @@
 // 1 / sqrt(bias_correction2) where torch divides. That changes the denominator by at most one
 // rounding (far inside torch's float32 tolerance) and saves a divide per element, which is what
 // bounds an in-cache step (divide and square root are the slowest vector instructions).
+// Coupled weight decay is one fused multiply-add: torch's `grad.add(param, alpha=wd)` rounds
+// once, and near an L2-regularised optimum, where the gradient nearly cancels the decay, rounding
+// `wd * p` first would move the result by far more than an ulp.
 // Scalars that torch computes as Python floats (bias corrections, step size) are computed here
 // in double from the float64 hyper table, then cast to the math type, as torch casts a Python
 // scalar.
@@ -78,7 +81,7 @@ LRFUSE_HD void adam_update(T& p, T g, T& m, T& v, T& max_v, const AdamConsts<T>&
   if (c.maximize) g = -g;
   if (c.has_weight_decay) {
     if (c.decoupled) p = p * c.lr_decay;
-    else g = g + c.weight_decay * p;
+    else g = std::fma(c.weight_decay, p, g);
   }
   m = lerp(m, g, c.lerp_weight);
   v = v * c.beta2;
@@ -120,7 +123,7 @@ template <typename T>
 LRFUSE_HD void rmsprop_update(T& p, T g, T& square_avg, T& buf, T& grad_avg,
                               const RMSpropConsts<T>& c) {
   if (c.maximize) g = -g;
-  if (c.has_weight_decay) g = g + c.weight_decay * p;
+  if (c.has_weight_decay) g = std::fma(c.weight_decay, p, g);
   square_avg = square_avg * c.alpha;
   square_avg = square_avg + c.one_minus_alpha * g * g;
   T avg;

@@ -128,6 +128,22 @@ def test_tensor_lr_on_the_device(dev):
                lr=torch.tensor(0.01, device=dev))
 
 
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_float64_default_dtype_keeps_step_float64(name, dev):
+    """torch keeps `step` in float64 under a float64 default dtype; the kernels count on a float32
+    copy, for a block-owned step and for a late one (a tensor of several chunks)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(4)
+        params = [leaf(torch.randn(33, device=dev)), leaf(torch.randn(2 * CHUNK + 5, device=dev))]
+        fused, oracle = run_parity(name, [{"params": params}], steps=3)
+        for p in params:
+            assert fused.state[p]["step"].dtype == torch.float64 and float(fused.state[p]["step"]) == 3
+    finally:
+        torch.set_default_dtype(old)
+
+
 def test_more_tensors_and_chunks_than_one_launch_holds(dev):
     """1,200 small tensors in 40 groups and one tensor of 1,100 chunks: the launches split
     between tensors and inside a tensor, and every tensor is updated exactly once."""

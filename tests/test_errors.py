@@ -47,6 +47,8 @@ def test_rmsprop_constructor_validation_is_torchs():
 
 
 def test_parameter_listed_twice_in_a_group():
+    # torch warns that this will become an error and updates the parameter twice per step; one
+    # native call cannot update a tensor twice, so lrfuse refuses it up front (README).
     p = leaf(torch.randn(3))
     with pytest.raises(ValueError, match="listed twice; pass each parameter once"):
         lrfuse.FusedAdam([p, p])
@@ -56,11 +58,6 @@ def test_parameter_in_two_groups():
     p = leaf(torch.randn(3))
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         lrfuse.FusedAdamW([{"params": [p]}, {"params": [p]}])
-
-
-def test_integer_parameter():
-    with pytest.raises(ValueError, match="only floating-point and complex parameters"):
-        lrfuse.FusedRMSprop([torch.zeros(3, dtype=torch.int64)])
 
 
 def trained_optimizer():
@@ -129,7 +126,7 @@ native = pytest.mark.skipif(lrfuse.ops.backend("cpu") != "native", reason="lrfus
         (lambda a: a["params"].__setitem__(1, a["params"][0]), r"params\[0\] and params\[1\] share memory"),
         (lambda a: a["params"].__setitem__(1, torch.randn(1, 3).expand(4, 3)), "overlapping memory"),
         (lambda a: a["params"].__setitem__(0, torch.randn(4, 3, dtype=torch.complex64)), "view_as_real"),
-        (lambda a: a["steps"].__setitem__(0, torch.zeros(2)), "one-element float32 tensor"),
+        (lambda a: a["steps"].__setitem__(0, torch.zeros(2)), r"steps\[0\] must be a one-element float32 or float64 tensor"),
     ],
 )
 def test_op_rejects_bad_arguments_before_writing(change, match):

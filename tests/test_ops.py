@@ -114,6 +114,19 @@ def test_grad_scaler_unscales_inside_the_kernel():
         torch.testing.assert_close(p, q)
 
 
+def test_only_grad_scaler_hands_the_scale_to_the_kernel():
+    model, opt, scaler = amp_setup()
+    scaler.scale(model(torch.randn(8, 4)).sum()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)
+    # GradScaler did not unscale the gradients in place: the kernel divided them as it read them.
+    for p, g in zip(model.parameters(), scaled):
+        assert torch.equal(p.grad, g)
+    # Anyone else asking (Lightning's precision plugins) unscales first, for its hooks and clipping.
+    assert opt._step_supports_amp_scaling is False
+    assert getattr(opt, "_step_supports_amp_scaling") is False
+
+
 def test_step_hooks_run():
     p = leaf(torch.randn(3))
     opt = lrfuse.FusedRMSprop([p])

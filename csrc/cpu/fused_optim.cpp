@@ -185,12 +185,16 @@ const float* scale_ptr(const std::optional<Tensor>& grad_scale) {
 
 const Tensor* at_or_null(TensorList list, size_t i) { return list.empty() ? nullptr : &list[i]; }
 
-// Steps advance once per tensor, before the parallel region reads them.
+// Steps advance once per tensor, before the parallel region reads them (float32, or float64
+// as torch keeps them under a float64 default dtype).
 std::vector<double> advance_steps(TensorList steps) {
   std::vector<double> values(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    float* s = steps[i].data_ptr<float>();
-    values[i] = *s += 1.0f;
+    if (steps[i].scalar_type() == at::kDouble) {
+      values[i] = *steps[i].data_ptr<double>() += 1.0;
+    } else {
+      values[i] = *steps[i].data_ptr<float>() += 1.0f;
+    }
   }
   return values;
 }

@@ -48,7 +48,14 @@ class MultiTensorCall {
       }
       for (int k = 0; k < kDepth; ++k) e.slot.addresses[k] = e.operands[k].data_ptr();
       e.slot.numel = p.numel();
-      e.slot.step = steps[i].data_ptr<float>();
+      // The kernels count in float32 (exact to 2^24 steps); a float64 step (torch's under a
+      // float64 default dtype) runs on a float32 copy, which copy_back keeps and writes back.
+      at::Tensor step = steps[i];
+      if (step.scalar_type() != at::kFloat) {
+        step = steps[i].to(at::kFloat);
+        copy_back_.push_back({steps[i], step});
+      }
+      e.slot.step = step.data_ptr<float>();
       e.slot.group = static_cast<int32_t>(group_of[i]);
       entries_.push_back(std::move(e));
     }

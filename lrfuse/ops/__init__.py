@@ -40,7 +40,8 @@ def backend(device: torch.device | str) -> str:
     if _forced == "reference" or _C is None:
         return "reference"
     kind = torch.device(device).type
-    if kind == "cpu" or (kind == "cuda" and _C.with_cuda):
+    # Meta tensors (shape-only) go to the fake kernels below: the step computes nothing, as torch's.
+    if kind in ("cpu", "meta") or (kind == "cuda" and _C.with_cuda):
         return "native"
     return "reference"
 

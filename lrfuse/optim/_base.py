@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,39 @@ import torch
 from torch import Tensor
 
 from lrfuse import ops
+
+try:  # torch builds without torch.distributed have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
+
+def _unwrap(t: Tensor) -> Tensor:
+    """What the kernels update for ``t``: a DTensor's local shard, a complex tensor as real pairs."""
+    if isinstance(t, DTensor):
+        t = t._local_tensor  # what to_local() returns under no_grad
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _unwrap_grad(grad: Tensor, param: Tensor) -> Tensor:
+    """The gradient's local values laid out as the parameter's shard (a replicated parameter's
+    gradient may arrive partial: reduced here, as a DTensor op on the two would)."""
+    if isinstance(grad, DTensor) and isinstance(param, DTensor) and grad.placements != param.placements:
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return _unwrap(grad)
+
+
+def _step_dtype() -> torch.dtype:
+    """torch.optim's dtype for a new `step`: float64 under a float64 default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _immutable(value) -> bool:
+    """Whether a group value can only change by being replaced (what the hyper table's identity
+    scan relies on); a list or a numpy array can change in place."""
+    if type(value) is tuple:
+        return all(map(_immutable, value))
+    return isinstance(value, (int, float, Tensor))
 
 
 @dataclass
@@ -30,28 +64,37 @@ class _Call:
     steps: list[Tensor] = field(default_factory=list)
     group_of: list[int] = field(default_factory=list)
     grad_index: list[int] = field(default_factory=list)  # where each gradient sits in the step's flat list
-    complex_at: list[int] = field(default_factory=list)  # entries passed through view_as_real
+    # Entries passed unwrapped (DTensor, complex): (position, parameter, its state, the state key of
+    # each state list or None). Unwrapped again every step: `p.data = ...` or FSDP2 re-pointing a
+    # shard replaces what an unwrapped view would still show.
+    wrapped: list[tuple[int, Tensor, dict, tuple]] = field(default_factory=list)
     takes_all: bool = False  # the step's flat gradient list is this call's list as it is
     refs: object = None      # C++ references to params, state and steps (ops.hold_refs)
 
     def refresh(self, grads: list[Tensor | None]) -> None:
         """Takes this step's gradients (backward may have replaced them)."""
         self.grads = grads if self.takes_all else list(map(grads.__getitem__, self.grad_index))
-        for k in self.complex_at:
-            self.grads[k] = torch.view_as_real(self.grads[k])
+        for k, p, state, keys in self.wrapped:
+            self.params[k] = _unwrap(p)
+            self.grads[k] = _unwrap_grad(self.grads[k], p)
+            for lst, key in zip(self.states, keys):
+                if key is not None:
+                    lst[k] = _unwrap(state[key])
 
 
 @dataclass
 class _Plan:
     """The calls of a step, reusable while the parameters, which of them have a gradient, the
-    group structure and the state objects stay as they were when it was built."""
+    group structure, the state dicts and every value in them stay the objects they were when it
+    was built."""
 
     calls: dict[tuple[torch.device, tuple[bool, ...]], _Call]
     checked_natively: bool  # one native call, whose own checks run before any write
-    key: tuple = ()         # (id of the state dict, (size, state layout) of each group)
+    key: tuple = ()         # (id of the state dict, (size, state layout, capturable) of each group)
     params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
     has_grad: bytes = b""   # which of them had a gradient
     states: list[dict] = field(default_factory=list)    # optimizer.state's values, in order
+    values: list = field(default_factory=list)          # every value of those, in order
 
 
 @dataclass
@@ -59,14 +102,19 @@ class _Hyper:
     """A device's hyper table and what it was written from."""
 
     sources: list[tuple] | None  # each group's `_row_keys` values as the objects they were; None:
-                                 # a list among them, so the identity fast path is off
+                                 # a value that can change in place, so the identity fast path is off
     floats: tuple         # the rows' numbers (None where a cell is a tensor)
     table: Tensor         # on the device; the kernels read it
     host: Tensor          # the host copy it was last written from
-    tensor_cells: list[tuple[int, int, Tensor]]  # (row, column, tensor): copied at every call
+    tensor_cells: list[tuple[int, int, Tensor]]  # (row, column, 0-d view of the tensor): copied at every call
 
 
 _grad_of = operator.attrgetter("grad")
+_values_of = operator.methodcaller("values")
+
+# Where GradScaler.step lives (torch.cuda.amp's and FSDP's scalers inherit it): the one caller
+# told that the step unscales and skips inside the kernel.
+_GRAD_SCALER = "torch.amp.grad_scaler"
 
 
 def _same_objects(new, old: list) -> bool:
@@ -74,11 +122,12 @@ def _same_objects(new, old: list) -> bool:
     return len(new) == len(old) and all(map(operator.is_, new, old))
 
 
+def _state_values(states: list[dict]) -> list:
+    return list(itertools.chain.from_iterable(map(_values_of, states)))
+
+
 class _FusedStep:
     """Mixed in before a ``torch.optim`` class; subclasses set the class attributes below."""
-
-    # GradScaler hands `grad_scale` / `found_inf` to step() instead of unscaling itself.
-    _step_supports_amp_scaling = True
 
     _op: Callable[..., None]                # lrfuse.ops.fused_*_
     _columns: tuple[str, ...]               # hyper-table columns, in the op's order
@@ -87,8 +136,25 @@ class _FusedStep:
     _optional_state_keys: tuple[str, ...]   # present when _uses() says so, in the op's order
 
     @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True for GradScaler, which then hands the step its scale and inf flag (unscaling and
+        the skip happen in the kernel, with no host sync). False for anyone else who asks: Lightning
+        and other trainers read it to decide whether to unscale the gradients before their hooks
+        and clipping, and those need unscaled gradients. GradScaler then sees them unscaled and
+        passes only the inf flag."""
+        return sys._getframe(1).f_globals.get("__name__") == _GRAD_SCALER
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        pass  # torch's __init__ sets it for fused=True; the answer above does not depend on it
+
+    @property
     def _all_state_keys(self) -> tuple[str, ...]:
         return self._state_keys + self._optional_state_keys
+
+    @property
+    def _torch_name(self) -> str:
+        return next(b.__name__ for b in type(self).__mro__ if b.__module__.startswith("torch.optim"))
 
     def _row(self, values: tuple) -> list:
         """The hyper-table row, in ``_columns`` order, of a group's ``_row_keys`` values."""
@@ -100,11 +166,10 @@ class _FusedStep:
 
     def __init__(self, params, *args, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
-        name = type(self).__name__
         for group in self.param_groups:
             if group.get("differentiable"):
-                torch_name = next(b.__name__ for b in type(self).__mro__ if b.__module__.startswith("torch.optim"))
-                raise ValueError(f"{name} does not support differentiable=True; use torch.optim.{torch_name} for that")
+                raise ValueError(f"{type(self).__name__} does not support differentiable=True; "
+                                 f"use torch.optim.{self._torch_name} for that")
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -114,15 +179,48 @@ class _FusedStep:
         for i, p in enumerate([params] if isinstance(params, Tensor) else params):
             if isinstance(p, Tensor):
                 if id(p) in seen:
+                    # torch warns and then applies the update twice per step; one native call
+                    # cannot, and torch announces this as a future error: refuse it now.
                     raise ValueError(
                         f"{type(self).__name__}: parameter {i} of a group is listed twice; "
                         "pass each parameter once (it would be updated twice per step)")
                 seen.add(id(p))
-                if not (p.is_floating_point() or p.is_complex()):
-                    raise ValueError(
-                        f"{type(self).__name__}: parameter {i} has dtype {p.dtype}; "
-                        "only floating-point and complex parameters can be optimized")
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, then a check that the loaded state fits these groups; a
+        state_dict that does not fit raises and leaves the optimizer as it was."""
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            self._check_state()
+        except Exception:  # torch's own load can fail half-way too (a state without `step`)
+            self.state, self.param_groups = before
+            raise
+
+    def _check_state(self) -> None:
+        """Every parameter's state, where it has any, holds `step` and each tensor its group's
+        settings call for, shaped like the parameter."""
+        name = type(self).__name__
+        for g, group in enumerate(self.param_groups):
+            active = (True,) * len(self._state_keys) + self._uses(group)
+            needed = ["step", *(k for k, on in zip(self._all_state_keys, active) if on)]
+            for j, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key in needed:
+                    value = state.get(key)
+                    if value is None:
+                        raise ValueError(
+                            f"{name}.load_state_dict: the state of parameter {j} of group {g} has no {key!r} "
+                            f"(it has {sorted(state)}); pass a state_dict saved by {name} or torch.optim."
+                            f"{self._torch_name} with the same settings (amsgrad, momentum, centered)")
+                    if key != "step" and (not isinstance(value, Tensor) or value.shape != p.shape):
+                        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                        raise ValueError(
+                            f"{name}.load_state_dict: state {key!r} of parameter {j} of group {g} is {shape} but "
+                            f"the parameter has shape {tuple(p.shape)}; the state_dict belongs to other parameters")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -150,33 +248,41 @@ class _FusedStep:
                 # written: name the gradient, as the checks of a rebuilt plan would.
                 self._check_grads(grads)
                 raise
+            if torch.compiler.is_compiling():
+                self._copy_back_complex(call)
         return loss
 
     def _calls(self) -> tuple[dict[tuple[torch.device, tuple[bool, ...]], _Call], list[Tensor | None]]:
         """The native calls of this step, and the gradients of every parameter in group order.
 
         Building the calls costs microseconds per tensor, so the plan is kept while the
-        parameters, which of them have a gradient, the group structure and the state objects stay
-        the same (torch and Lightning replace a parameter's state dict, never a tensor inside it);
-        then only the gradients, which backward may replace every step, are refreshed. The checks
-        use C-level iteration: hashing 2,000 tensors into ``self.state`` would cost more than the
-        rest of the step's Python.
+        parameters, which of them have a gradient, the group structure, the state dicts and every
+        value in them are the objects they were (a tensor replaced in a state dict, a cleared or
+        deleted state, a new dict: each rebuilds the plan, so the step uses exactly what
+        ``self.state`` holds); then only the gradients, which backward may replace every step, are
+        refreshed. The checks are C-level identity scans: hashing 2,000 tensors into
+        ``self.state`` would cost more than the rest of the step's Python.
         """
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
             grads = [p.grad for group in self.param_groups for p in group["params"]]
             return self._build(grads).calls, grads
         params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
         grads = list(map(_grad_of, params))
-        key = (id(self.state), tuple((len(g["params"]), self._uses(g)) for g in self.param_groups))
+        key = (id(self.state), tuple((len(g["params"]), self._uses(g), bool(g.get("capturable")))
+                                     for g in self.param_groups))
         has_grad = bytes(map(operator.is_not, grads, itertools.repeat(None)))
         plan: _Plan | None = self.__dict__.get("_plan_cache")
         if (plan is None or plan.key != key or plan.has_grad != has_grad
-                or not _same_objects(params, plan.params) or not _same_objects(self.state.values(), plan.states)):
+                or not _same_objects(params, plan.params) or not _same_objects(self.state.values(), plan.states)
+                or not _same_objects(_state_values(plan.states), plan.values)):
             plan = self._build(grads)
             plan.key, plan.params, plan.has_grad = key, params, has_grad
             plan.states = list(self.state.values())
+            plan.values = _state_values(plan.states)
             for call in plan.calls.values():  # the kept tensors box cheaply from now on
-                call.refs = ops.hold_refs([*call.params, *itertools.chain(*call.states), *call.steps])
+                unwrapped = {k for k, *_ in call.wrapped}  # their views are made anew each step
+                kept = [t for lst in (call.params, *call.states) for k, t in enumerate(lst) if k not in unwrapped]
+                call.refs = ops.hold_refs([*kept, *call.steps])
             self.__dict__["_plan_cache"] = plan
             return plan.calls, grads
         if not plan.checked_natively:
@@ -200,9 +306,22 @@ class _FusedStep:
                     f"match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device}); "
                     "a gradient must have its parameter's shape, dtype and device")
 
+    def _check_capturable(self, grads: list[Tensor | None]) -> None:
+        """capturable=True keeps step on the device for CUDA graphs; torch refuses it elsewhere."""
+        params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
+        for (g, p), grad in zip(params, grads):
+            if grad is not None and self.param_groups[g].get("capturable") and p.device.type not in ("cuda", "meta"):
+                raise RuntimeError(
+                    f"{type(self).__name__}: capturable=True needs CUDA parameters, but a parameter of group {g} "
+                    f"is on {p.device}; leave capturable off there (torch.optim.{self._torch_name} refuses "
+                    "it too)")
+
     def _build(self, grads: list[Tensor | None]) -> _Plan:
         """Checks every gradient, then creates missing state, then sorts tensors into calls."""
         self._check_grads(grads)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # dynamo may set capturable itself, as torch's own check assumes
+            self._check_capturable(grads)
         calls: dict[tuple[torch.device, tuple[bool, ...]], _Call] = {}
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
@@ -215,31 +334,53 @@ class _FusedStep:
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
                 call = calls[(p.device, uses)] = _Call(states=[[] for _ in self._all_state_keys])
-            real = torch.view_as_real if p.is_complex() else (lambda t: t)
-            if p.is_complex():
-                call.complex_at.append(len(call.params))
-            call.params.append(real(p))
-            call.grads.append(real(grad))
-            call.grad_index.append(j)
-            for lst, key, on in zip(call.states, self._all_state_keys, active):
-                if on:
-                    lst.append(real(state[key]))
+            k = len(call.params)
+            keys = tuple(key if on else None for key, on in zip(self._all_state_keys, active))
+            call.params.append(_unwrap(p))
+            call.grads.append(_unwrap_grad(grad, p))
+            for lst, key in zip(call.states, keys):
+                if key is not None:
+                    lst.append(_unwrap(state[key]))
             call.steps.append(state["step"])
             call.group_of.append(g)
+            call.grad_index.append(j)
+            if isinstance(p, DTensor) or p.is_complex():
+                call.wrapped.append((k, p, state, keys))
+                if compiling and p.is_complex():
+                    # Dynamo cannot functionalize the op writing through view_as_real of a graph
+                    # input: it writes real copies, which _copy_back_complex puts back.
+                    call.params[k] = call.params[k].clone()
+                    for lst, key in zip(call.states, keys):
+                        if key is not None:
+                            lst[k] = lst[k].clone()
         for call in calls.values():
-            call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.complex_at
+            call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.wrapped
         native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
         return _Plan(calls=calls, checked_natively=native)
 
+    @staticmethod
+    def _copy_back_complex(call: _Call) -> None:
+        """Under torch.compile: the real copies of complex tensors back into them (see _build)."""
+        for k, p, state, keys in call.wrapped:
+            if p.is_complex():
+                p.copy_(torch.view_as_complex(call.params[k]))
+                for lst, key in zip(call.states, keys):
+                    if key is not None:
+                        state[key].copy_(torch.view_as_complex(lst[k]))
+
     def _state_for(self, p: Tensor, keys: Sequence[str]) -> dict:
-        """The parameter's state with `step` and ``keys``, created as torch would."""
+        """The parameter's state with `step` and ``keys``, created as torch would (a DTensor
+        parameter gets DTensor state, its `step` a plain tensor)."""
         state = self.state[p]
         step = state.get("step")
         if step is None:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif not isinstance(step, Tensor) or step.device != p.device or step.dtype != torch.float32:
+            state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
+        elif not (isinstance(step, Tensor) and step.device == p.device
+                  and step.dtype in (torch.float32, torch.float64) and not isinstance(step, DTensor)):
             # torch keeps `step` on the CPU for its for-loop path; the kernel reads it on the device.
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+            dtype = step.dtype if isinstance(step, Tensor) and step.dtype == torch.float64 else _step_dtype()
+            state["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,
+                                            dtype=dtype).to(p.device)
         for key in keys:
             if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -283,12 +424,13 @@ class _FusedStep:
         for r, values in enumerate(sources):
             row = self._row(values)
             for c, v in enumerate(row):
-                if isinstance(v, Tensor):
-                    tensor_cells.append((r, c, v))
+                if isinstance(v, Tensor):  # torch accepts any one-element shape ([1], [1, 1, 1])
+                    tensor_cells.append((r, c, v.reshape(())))
             floats.append(tuple(None if isinstance(v, Tensor) else float(v) for v in row))
         floats = tuple(floats)
-        # A list value (betas given as a list) can change in place: no identity fast path then.
-        if any(isinstance(v, list) for values in sources for v in values):
+        # A value that can change in place (betas given as a list, a numpy array): no identity
+        # fast path then.
+        if not all(map(_immutable, itertools.chain.from_iterable(sources))):
             sources = None
         if cached is not None and cached.floats == floats:
             return _Hyper(sources, floats, cached.table, cached.host, tensor_cells)
