@@ -6,9 +6,11 @@
 // 1 / sqrt(bias_correction2) where torch divides. That changes the denominator by at most one
 // rounding (far inside torch's float32 tolerance) and saves a divide per element, which is what
 // bounds an in-cache step (divide and square root are the slowest vector instructions).
-// Coupled weight decay is one fused multiply-add: torch's `grad.add(param, alpha=wd)` rounds
-// once, and near an L2-regularised optimum, where the gradient nearly cancels the decay, rounding
-// `wd * p` first would move the result by far more than an ulp.
+// Where torch's ops round once, so do these: `a.add(b, alpha=s)` is fma(s, b, a) and
+// `a.addcmul(b, c, value=s)` is fma(s * b, c, a) in torch's CPU kernels (nvcc contracts the GPU's
+// alike), so they are written as std::fma here. It matters most for coupled weight decay: near an
+// L2-regularised optimum, where the gradient nearly cancels the decay, rounding `wd * p` first
+// would move the result by far more than an ulp.
 // Scalars that torch computes as Python floats (bias corrections, step size) are computed here
 // in double from the float64 hyper table, then cast to the math type, as torch casts a Python
 // scalar.
@@ -32,11 +34,12 @@ namespace rmsprop_col {
 enum : int { lr, alpha, eps, weight_decay, momentum, maximize, count };
 }
 
-// torch's lerp: the branch keeps precision when the weight is large.
+// torch's lerp, as its CPU vector kernel computes it (one fused multiply-add; nvcc contracts the
+// GPU's to the same): the branch keeps precision when the weight is large.
 template <typename T>
 LRFUSE_HD T lerp(T self, T end, T weight) {
-  return (weight < T(0.5) && weight > T(-0.5)) ? self + weight * (end - self)
-                                                : end - (end - self) * (T(1) - weight);
+  return (weight < T(0.5) && weight > T(-0.5)) ? std::fma(weight, end - self, self)
+                                                : std::fma(weight - T(1), end - self, end);
 }
 
 // torch.maximum propagates NaN.
@@ -84,8 +87,7 @@ LRFUSE_HD void adam_update(T& p, T g, T& m, T& v, T& max_v, const AdamConsts<T>&
     else g = std::fma(c.weight_decay, p, g);
   }
   m = lerp(m, g, c.lerp_weight);
-  v = v * c.beta2;
-  v = v + c.one_minus_beta2 * g * g;
+  v = std::fma(c.one_minus_beta2 * g, g, v * c.beta2);
   T second = v;
   if (c.amsgrad) {
     max_v = nan_max(max_v, v);
@@ -124,20 +126,18 @@ LRFUSE_HD void rmsprop_update(T& p, T g, T& square_avg, T& buf, T& grad_avg,
                               const RMSpropConsts<T>& c) {
   if (c.maximize) g = -g;
   if (c.has_weight_decay) g = std::fma(c.weight_decay, p, g);
-  square_avg = square_avg * c.alpha;
-  square_avg = square_avg + c.one_minus_alpha * g * g;
+  square_avg = std::fma(c.one_minus_alpha * g, g, square_avg * c.alpha);
   T avg;
   if (c.centered) {
     grad_avg = lerp(grad_avg, g, c.one_minus_alpha);
-    avg = std::sqrt(square_avg + T(-1) * grad_avg * grad_avg);
+    avg = std::sqrt(std::fma(-grad_avg, grad_avg, square_avg));
   } else {
     avg = std::sqrt(square_avg);
   }
   avg = avg + c.eps;
   if (c.has_momentum) {
-    buf = buf * c.momentum;
-    buf = buf + g / avg;
-    p = p + c.neg_lr * buf;
+    buf = buf * c.momentum + g / avg;
+    p = std::fma(c.neg_lr, buf, p);
   } else {
     p = p + c.neg_lr * g / avg;
   }
