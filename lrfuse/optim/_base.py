@@ -110,7 +110,6 @@ class _Hyper:
 
 
 _grad_of = operator.attrgetter("grad")
-_values_of = operator.methodcaller("values")
 
 # Where GradScaler.step lives (torch.cuda.amp's and FSDP's scalers inherit it): the one caller
 # told that the step unscales and skips inside the kernel.
@@ -123,7 +122,14 @@ def _same_objects(new, old: list) -> bool:
 
 
 def _state_values(states: list[dict]) -> list:
-    return list(itertools.chain.from_iterable(map(_values_of, states)))
+    """Every value of every state dict, in order."""
+    return list(itertools.chain.from_iterable(map(dict.values, states)))
+
+
+def _same_values(states: list[dict], values: list) -> bool:
+    """Whether the state dicts hold exactly ``values``, in order (no list built: ~170 ns a dict)."""
+    return (sum(map(len, states)) == len(values)
+            and all(map(operator.is_, itertools.chain.from_iterable(map(dict.values, states)), values)))
 
 
 class _FusedStep:
@@ -274,7 +280,7 @@ class _FusedStep:
         plan: _Plan | None = self.__dict__.get("_plan_cache")
         if (plan is None or plan.key != key or plan.has_grad != has_grad
                 or not _same_objects(params, plan.params) or not _same_objects(self.state.values(), plan.states)
-                or not _same_objects(_state_values(plan.states), plan.values)):
+                or not _same_values(plan.states, plan.values)):
             plan = self._build(grads)
             plan.key, plan.params, plan.has_grad = key, params, has_grad
             plan.states = list(self.state.values())
