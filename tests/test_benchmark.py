@@ -53,3 +53,19 @@ def test_compare_step_time_leaves_params_alone():
     assert {"lrfuse.FusedAdam", "torch.optim.Adam(foreach=False)", "torch.optim.Adam(foreach=True)"} <= set(times)
     assert all(t > 0 for t in times.values())
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_amp_benchmark_reports_every_path(tmp_path):
+    """benchmarks/bench_amp.py (not a package module): every GradScaler path of a workload timed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_amp", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_amp.py")
+    bench_amp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_amp)
+    out = tmp_path / "amp.json"
+    assert bench_amp.main(["--quick", "--workloads", "tiny", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"]["tiny"]
+    assert set(row) == {"lrfuse in-kernel", "lrfuse unscale_", "torch foreach", "torch fused", "restore"}
+    assert all(v["median_s"] > 0 for v in row.values())
