@@ -6,10 +6,27 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
+
+# `pip install --no-build-isolation` does not enforce pyproject's build requirements: check them
+# here, before anything is compiled, and say what to run.
+if tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:2]) < (77, 0):
+    sys.exit(f"lrfuse: setuptools {setuptools.__version__} cannot read this pyproject.toml (it needs 77 or "
+             "newer); run `pip install -U 'setuptools>=77' wheel`, then the same install command again.")
+try:
+    import torch
+except ImportError:
+    torch = None
+if torch is None or "pip-build-env" in torch.__file__:
+    sys.exit("lrfuse: the extension must compile against the torch it will run with, which this build "
+             "cannot see (pip's build isolation hides the installed packages). Install torch first "
+             "(`pip install torch`), then run `pip install --no-build-isolation .` (add -e for a checkout "
+             "you edit).")
 
 
 def nvcc_toolkit() -> str | None:
@@ -30,8 +47,7 @@ if WANT_CUDA != "0" and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA
     if toolkit:
         os.environ["CUDA_HOME"] = toolkit  # read by torch.utils.cpp_extension at import
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is set)
 
 ROOT = Path(__file__).parent
 with_cuda = WANT_CUDA != "0" and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
