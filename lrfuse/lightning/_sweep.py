@@ -6,8 +6,11 @@ progress and call every callback); it drives the strategy directly, one batch pe
 ``strategy.training_step`` (through the DDP wrapper, so gradients are synchronised),
 ``strategy.backward`` and ``strategy.optimizer_step`` (precision plugin, gradient clipping and
 AMP scaling as in training). Other callbacks are detached while it runs, ``self.log`` is a no-op,
-and a :class:`Snapshot` taken before restores weights, gradients, optimizer state and groups,
-LR schedulers, module train/eval flags and RNG state afterwards, in memory.
+and a :class:`Snapshot` taken before restores weights, buffers, gradients, ``requires_grad``,
+optimizer state and groups, LR schedulers, the GradScaler, module train/eval flags, the global RNGs
+and the training loaders' own generators afterwards, in memory. The loaders are set up before the
+snapshot, where fit would set them up anyway, so whatever their creation draws from the RNG is
+drawn once, as in a run without the finder.
 """
 
 from __future__ import annotations
@@ -42,6 +45,22 @@ def set_group_lr(group: dict, lr: float) -> None:
         group["lr"] = lr
 
 
+def rng_state() -> dict:
+    """The global RNGs' states: Python's, numpy's, torch's (and CUDA's where initialized)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @dataclass
 class Snapshot:
     """Everything an LR sweep can change, copied in memory; :meth:`restore` writes it back."""
@@ -51,6 +70,10 @@ class Snapshot:
     training: list[tuple[torch.nn.Module, bool]] = field(default_factory=list)
     optimizers: list[tuple[torch.optim.Optimizer, dict, list[dict]]] = field(default_factory=list)
     schedulers: list[tuple[Any, dict]] = field(default_factory=list)
+    scaler: tuple[Any, dict] | None = None  # the precision plugin's GradScaler ('16-mixed')
+    requires_grad: list[tuple[Tensor, bool]] = field(default_factory=list)
+    generators: list[tuple[torch.Generator, Tensor]] = field(default_factory=list)  # the loaders' own
+    iterators: list[tuple[torch.utils.data.DataLoader, Any]] = field(default_factory=list)  # kept by loaders
     rng: dict = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +85,7 @@ class Snapshot:
                 seen.add(id(t))
                 snap.tensors.append((t, t.detach().clone()))
         snap.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+        snap.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         snap.training = [(m, m.training) for m in model.modules()]
         for opt in trainer.optimizers:
             # Keyed by the parameter objects themselves: the optimizer keeps referring to them.
@@ -70,9 +94,17 @@ class Snapshot:
             snap.optimizers.append((opt, state, groups))
         snap.schedulers = [(cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()))
                            for cfg in trainer.lr_scheduler_configs]
-        snap.rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            snap.rng["cuda"] = torch.cuda.get_rng_state_all()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            snap.scaler = (scaler, copy.deepcopy(scaler.state_dict()))
+        for loader in _train_loaders(trainer):
+            # With persistent_workers a loader keeps its iterator, and fit's (made by setup_data)
+            # is that one: set it aside, so that the sweep iterates one of its own.
+            snap.iterators.append((loader, loader._iterator))
+            loader._iterator = None
+            for gen in _generators(loader):
+                snap.generators.append((gen, gen.get_state()))
+        snap.rng = rng_state()
         return snap
 
     @torch.no_grad()
@@ -95,19 +127,45 @@ class Snapshot:
                         group[k].copy_(v)  # keep the tensor object others may hold
                     else:
                         group[k] = _clone(v)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
         for scheduler, state in self.schedulers:
             scheduler.load_state_dict(copy.deepcopy(state))
-        random.setstate(self.rng["python"])
-        np.random.set_state(self.rng["numpy"])
-        torch.set_rng_state(self.rng["torch"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        if self.scaler is not None:
+            scaler, state = self.scaler
+            scaler.load_state_dict(copy.deepcopy(state))
+            scaler._per_optimizer_states.clear()  # a sweep step that raised may have left one unscaled
+        for gen, state in self.generators:
+            gen.set_state(state)
+        for loader, kept in self.iterators:
+            iterator, loader._iterator = loader._iterator, kept
+            if iterator is not kept and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()  # the sweep's own workers
+        set_rng_state(self.rng)
+
+
+def _train_loaders(trainer: pl.Trainer) -> list[torch.utils.data.DataLoader]:
+    """The DataLoaders behind ``trainer.train_dataloader`` (one, or those a CombinedLoader holds)."""
+    iterables = trainer.train_dataloader
+    if isinstance(iterables, CombinedLoader):
+        iterables = iterables.flattened
+    elif not isinstance(iterables, (list, tuple)):
+        iterables = [iterables]
+    return [it for it in iterables if isinstance(it, torch.utils.data.DataLoader)]
+
+
+def _generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
+    """The generators a loader draws from besides the global RNG: its own and its samplers'."""
+    found = []
+    for owner in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
 
 
 def _batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int]]:
     """Training batches, cycling when the loader runs out before the sweep does."""
-    fit_loop = trainer.fit_loop
-    fit_loop.setup_data()  # idempotent: fit reuses the same loaders afterwards
     iterables = trainer.train_dataloader
     if iterables is None:
         raise RuntimeError("LRFinder found no training dataloader; pass train_dataloaders or a datamodule to fit")
@@ -164,6 +222,9 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
         raise ValueError(f"LRFinder: every parameter group has lr <= 0 ({base}); give the optimizer a positive "
                          "lr (its value only sets the ratios between groups)")
     strategy = trainer.strategy
+    # Set up here, before the snapshot, not inside it: fit reuses these loaders, and whatever their
+    # creation draws from the RNG must stay drawn, as in a run without the finder.
+    trainer.fit_loop.setup_data()
     snapshot = Snapshot.take(trainer, model)
     callbacks = trainer.callbacks
     patched = {name: model.__dict__.get(name) for name in ("log", "log_dict")}

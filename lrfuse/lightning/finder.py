@@ -15,24 +15,40 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import _TunerExitException
 from typing_extensions import override
 
-from lrfuse.lightning._sweep import set_group_lr, sweep
+from lrfuse.lightning._sweep import rng_state, set_group_lr, set_rng_state, sweep
 from lrfuse.lr_range import METHODS, LRRangeResult
 
 __all__ = ["LRFinder", "apply_lr", "find_lr"]
 
 _LR_ATTRS = ("lr", "learning_rate")
+# Where torch's schedulers keep LRs that a schedule is computed from: per group (initial_lr; and
+# OneCycleLR's max_lr / min_lr) and per scheduler (base_lrs, the last LRs; CyclicLR's max_lrs).
+_GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
+_SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs")
+
+
+def _peak_lr(group: dict) -> float:
+    """The LR a group's schedule is built from: OneCycleLR's max_lr, a scheduler's initial_lr, or lr."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
 
 
 def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, reference: float | None = None,
              attr_name: str | None = None, optimizer_idx: int = 0) -> list[str]:
-    """Apply ``lr`` (the LR of the reference group) to the optimizer, its schedulers and the model.
+    """Apply ``lr`` to the optimizer, its schedulers and the model.
 
-    The optimizer's whole LR system is scaled by ``lr / reference``: every group's LR (so the
-    ratios between groups stay), its ``initial_lr``, and the ``base_lrs`` / last LRs of torch LR
-    schedulers attached to it, so a schedule continues from the new LR. The model gets ``lr`` in
+    ``lr`` becomes the peak LR of the reference group (the group with the largest peak): its LR, or
+    with a torch LR scheduler the LR the schedule is built from (``initial_lr``; OneCycleLR's
+    ``max_lr``), so a warm-up or one-cycle schedule peaks at the suggestion rather than starting
+    from it. The optimizer's whole LR system is scaled by ``lr / reference``: every group's LR (so
+    the ratios between groups stay), the per-group values schedulers compute from (``initial_lr``,
+    ``max_lr``, ``min_lr``) and the ``base_lrs`` / last LRs / ``max_lrs`` of torch LR schedulers
+    attached to it, so a schedule continues from the new LR. The model gets ``lr`` in
     ``attr_name`` when given, else in ``model.lr`` / ``model.learning_rate`` and
     ``model.hparams.lr`` / ``learning_rate`` where present, so that ``configure_optimizers`` of a
     later fit uses it too.
+
+    Args:
+        reference: the reference LR that ``lr`` replaces; default: the largest peak of the groups.
 
     Returns:
         Where the value went (for messages), e.g. ``["optimizer 0 (3 groups)", "model.lr"]``.
@@ -44,17 +60,20 @@ def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, r
     if attr_name and not (hasattr(model, attr_name) or attr_name in getattr(model, "hparams", {})):
         raise AttributeError(f"LRFinder(attr_name={attr_name!r}): the model has no attribute or hparam "
                              f"{attr_name!r}; use one of its attributes, or leave attr_name=None")
-    if trainer is not None and trainer.optimizers and reference:
+    if trainer is not None and trainer.optimizers:
         optimizer = trainer.optimizers[optimizer_idx]
+        reference = reference or max(_peak_lr(g) for g in optimizer.param_groups)
+    if trainer is not None and trainer.optimizers and reference:
         ratio = lr / reference
         for group in optimizer.param_groups:
             set_group_lr(group, float(group["lr"]) * ratio)
-            if "initial_lr" in group:
-                group["initial_lr"] = float(group["initial_lr"]) * ratio
+            for key in _GROUP_LR_KEYS:
+                if key in group:
+                    group[key] = float(group[key]) * ratio
         for cfg in trainer.lr_scheduler_configs:
             scheduler = cfg.scheduler
             if getattr(scheduler, "optimizer", None) is optimizer:
-                for name in ("base_lrs", "_last_lr"):
+                for name in _SCHEDULER_LR_LISTS:
                     values = getattr(scheduler, name, None)
                     if isinstance(values, list):
                         setattr(scheduler, name, [float(v) * ratio for v in values])
@@ -78,9 +97,12 @@ class LRFinder(Callback):
     The LR rises from ``min_lr`` to ``max_lr`` over ``num_steps`` training steps (one batch each);
     the loss is recorded, smoothed without lag, and a suggestion is taken from it
     (:func:`lrfuse.lr_range.suggest`). Every parameter group's LR is its base LR times one common
-    factor, so layer-wise ratios survive; the suggestion is applied the same way. Afterwards the
-    weights (bit for bit), optimizer state, LR schedulers, RNG state and trainer counters are as
-    before, also when the sweep raises. Nothing is written to disk except the optional plot.
+    factor, so layer-wise ratios survive; the suggestion is applied the same way, as the peak of a
+    torch LR schedule (:func:`apply_lr`). Afterwards the weights and buffers (bit for bit),
+    ``requires_grad``, optimizer state, LR schedulers, the GradScaler, the RNGs, the training
+    loaders (their generators, a persistent worker's iterator) and trainer counters are as before,
+    also when the sweep raises: training continues exactly as a run started at the applied LRs
+    (tested bit for bit). Nothing is written to disk except the optional plot.
 
     The result is kept in :attr:`result` (an :class:`~lrfuse.lr_range.LRRangeResult`); when no
     suggestion can be made the LR is left alone and a warning says why. Under DDP the loss is
@@ -157,7 +179,7 @@ class LRFinder(Callback):
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
         try:
-            result, _, reference = sweep(
+            result, _, _ = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
                 num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
                 bandwidth=self.bandwidth, progress=progress)
@@ -168,7 +190,7 @@ class LRFinder(Callback):
         if result.lr is None:
             rank_zero_warn(f"LRFinder: {result.reason}. The learning rate is left unchanged.")
         elif self.apply:
-            places = apply_lr(trainer, pl_module, result.lr, reference, self.attr_name, self.optimizer_idx)
+            places = apply_lr(trainer, pl_module, result.lr, None, self.attr_name, self.optimizer_idx)
             if self.verbose:
                 rank_zero_info(f"LRFinder: {result.summary()}; applied to {', '.join(places)}")
         if self.plot_path is not None and trainer.is_global_zero:
@@ -233,9 +255,13 @@ def find_lr(trainer: pl.Trainer, model: pl.LightningModule, train_dataloaders=No
     finder = LRFinder(**finder_kwargs)
     finder._exit_after = True
     trainer.callbacks.append(finder)
+    # The fit started here sets up loaders that the next fit sets up again: what their creation
+    # drew from the RNG is undone with the rest.
+    rng = rng_state()
     try:
         trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)
     finally:
         trainer.callbacks.remove(finder)
+        set_rng_state(rng)
     assert finder.result is not None
     return finder.result

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import Tiny, TinyData, quiet_trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 import lrfuse
 from lrfuse.lightning import LRFinder, find_lr
@@ -34,6 +35,9 @@ class Probe(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         if self.before is None:
+            # The finder sets the loaders up before its snapshot (their creation may draw from the
+            # RNG, as it does in fit without the finder): do it here so the RNG compared is the same.
+            trainer.fit_loop.setup_data()
             opt = trainer.optimizers[0]
             for p in pl_module.parameters():
                 p.grad = torch.full_like(p, 0.01)
@@ -204,3 +208,104 @@ def test_skipped_under_fast_dev_run(tmp_path):
     finder = LRFinder()
     quiet_trainer(tmp_path, fast_dev_run=True, callbacks=[finder]).fit(Tiny(), datamodule=TinyData())
     assert finder.result is None
+
+
+class GivenLRs(Tiny):
+    """Tiny whose optimizer starts at the given group LRs (those a finder left)."""
+
+    def __init__(self, group_lrs: list[float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.group_lrs = group_lrs
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        for group, lr in zip(opt.param_groups, self.group_lrs or []):
+            group["lr"] = lr
+        return opt
+
+
+class Shuffled(TinyData):
+    """Shuffled batches from the global RNG, from the loader's own generator, or in a persistent worker."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def train_dataloader(self):
+        own = torch.Generator().manual_seed(1) if self.kind == "own generator" else None
+        workers = 1 if self.kind == "persistent worker" else 0
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=own,
+                                           num_workers=workers, persistent_workers=workers > 0)
+
+
+class TrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
+
+
+def fit_for(tmp_path, kind: str, precision: str, finder=None, group_lrs=None):
+    pl.seed_everything(0, verbose=False)
+    model = GivenLRs(group_lrs=group_lrs, lr=1e-3, groups=True)
+    start = TrainStart()
+    amp = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "16-mixed" else {}
+    trainer = quiet_trainer(tmp_path, max_steps=12, callbacks=[*filter(None, [finder]), start], **amp)
+    trainer.fit(model, datamodule=Shuffled(kind))  # 8 batches an epoch: a second shuffle too
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return model, start.lrs, None if scaler is None else scaler.state_dict()
+
+
+@pytest.mark.parametrize("kind, precision", [("global rng", "32-true"), ("own generator", "32-true"),
+                                             ("persistent worker", "32-true"), ("global rng", "16-mixed")])
+def test_fit_with_the_finder_equals_a_plain_fit_at_its_lrs(tmp_path, kind, precision):
+    """The finder leaves no trace: data order, RNG, GradScaler and weights continue as if training
+    had started at the LRs it applied."""
+    finder = LRFinder(min_lr=1e-4, max_lr=1.0, num_steps=20)
+    found, lrs, scaler = fit_for(tmp_path / "finder", kind, precision, finder=finder)
+    assert finder.result.lr is not None and lrs[-1] == pytest.approx(finder.result.lr) and lrs[-1] != 1e-3
+    plain, plain_lrs, plain_scaler = fit_for(tmp_path / "plain", kind, precision, group_lrs=lrs)
+    assert plain_lrs == lrs
+    for (name, p), q in zip(found.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+    for (name, b), c in zip(found.named_buffers(), plain.buffers()):
+        assert torch.equal(b, c), name
+    assert scaler == plain_scaler
+
+
+class OneCycle(Tiny):
+    """Layer-wise groups under OneCycleLR stepped per batch, peaking at ``max_lrs`` (default: the groups' LRs)."""
+
+    def __init__(self, max_lrs: list[float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_lrs = max_lrs
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        peaks = self.max_lrs or [g["lr"] for g in opt.param_groups]
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=30)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LRTrace(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.peaks = [g["max_lr"] for g in trainer.optimizers[0].param_groups]
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([float(g["lr"]) for g in trainer.optimizers[0].param_groups])
+
+
+def test_suggestion_survives_one_cycle_lr(tmp_path):
+    """OneCycleLR computes every LR from each group's max_lr: the finder scales those too, so the
+    schedule runs at the suggestion, as one configured with it from the start."""
+    trace, plain = LRTrace(), LRTrace()
+    pl.seed_everything(0, verbose=False)
+    finder = LRFinder(min_lr=1e-4, max_lr=1.0, num_steps=20)
+    quiet_trainer(tmp_path / "a", max_steps=10, callbacks=[finder, trace]).fit(
+        OneCycle(lr=1e-3, groups=True), datamodule=TinyData())
+    assert trace.peaks[-1] == pytest.approx(finder.result.lr) and finder.result.lr != pytest.approx(1e-3)
+    pl.seed_everything(0, verbose=False)
+    quiet_trainer(tmp_path / "b", max_steps=10, callbacks=[plain]).fit(
+        OneCycle(lr=1e-3, groups=True, max_lrs=trace.peaks), datamodule=TinyData())
+    assert len(trace.lrs) == len(plain.lrs) == 10
+    for mine, theirs in zip(trace.lrs, plain.lrs):
+        assert mine == pytest.approx(theirs, rel=1e-12)
