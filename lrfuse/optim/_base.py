@@ -172,10 +172,16 @@ class _FusedStep:
 
     def __init__(self, params, *args, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
+        self._hyper_cache: dict[torch.device, _Hyper] = {}
         for group in self.param_groups:
             if group.get("differentiable"):
                 raise ValueError(f"{type(self).__name__} does not support differentiable=True; "
                                  f"use torch.optim.{self._torch_name} for that")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Unpickled and copied optimizers come without it (torch pickles defaults, state and groups).
+        self.__dict__.setdefault("_hyper_cache", {})
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -407,7 +413,7 @@ class _FusedStep:
             sources = [tuple(g[k] for k in self._row_keys) for g in self.param_groups]
         else:
             sources = list(map(operator.itemgetter(*self._row_keys), self.param_groups))
-        cache = self.__dict__.setdefault("_hyper_cache", {})  # also after unpickling
+        cache = self._hyper_cache  # an attribute, not __dict__.setdefault: dynamo before 2.15 cannot trace that
         cached: _Hyper | None = cache.get(device)
         # Eager fast path: every value the same object as when the table was written means the
         # same numbers (numbers and tuples are immutable; tensor cells are copied below anyway).
