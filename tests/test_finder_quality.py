@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/finder_quality.py (issue 11): its --smoke mode runs and reports every method.
+
+Only the shape of the report is checked (and that two runs agree); scores never decide pass/fail.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("sklearn")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "finder_quality.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("finder_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_mode_reports_every_method_and_protocol(tmp_path, capsys):
+    fq = _load()
+    out = tmp_path / "fq.json"
+    assert fq.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (case,) = result["cases"]
+    assert case["dataset"] == "digits" and case["seed"] == 0
+    assert set(case["suggested"]) == set(fq.METHODS)
+    assert set(case["protocols"]) == set(fq.PROTOCOLS)
+    for p in case["protocols"].values():
+        assert len(p["grid"]) == 4
+        assert p["best_score"] == max(s for _, s in p["grid"])
+        for m, r in p["methods"].items():
+            assert math.isclose(r["gap"], p["best_score"] - r["score"])
+            assert r["failure"] in (None, "none", "collapse")
+    for m in fq.METHODS:
+        s = result["summary"]["pooled"][m]
+        assert s["cases"] == 2
+        assert 0 < s["cost"] < s["cost_total"]
+        assert set(s["targets"]) == set(fq.TARGETS)
+    assert set(result["summary"]["by_dataset"]) == {"digits"}
+    printed = capsys.readouterr().out
+    assert "| all | lrfuse:auto |" in printed and "| digits | lightning |" in printed
+
+    # Deterministic given the seed: a second run gives the same suggestions and scores.
+    again = tmp_path / "again.json"
+    assert fq.main(["--smoke", "--json", str(again)]) == 0
+    second = json.loads(again.read_text())["cases"][0]
+    assert second["suggested"] == case["suggested"]
+    assert second["protocols"] == case["protocols"]
+
+
+def test_unknown_dataset_is_rejected():
+    with pytest.raises(SystemExit):
+        _load().main(["--datasets", "mnist"])
