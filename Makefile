@@ -8,7 +8,11 @@ TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 NATIVE_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: demo test bench clean
+# The oldest torch lrfuse supports (pyproject's floor), tested by `make test-oldest`.
+OLDEST_TORCH ?= torch==2.11.0
+OLDEST := .oldest
+
+.PHONY: demo test test-oldest bench clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lrfuse demo
@@ -18,13 +22,20 @@ test: $(VENV)/.built
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
+# The test suite against the oldest supported torch (CPU kernels), in a copy of the tree: the
+# extension is built in place, and the copy keeps it from replacing the main build's.
+test-oldest:
+	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
+	$(MAKE) -C $(OLDEST)/src test VENV=../venv TORCH="$(OLDEST_TORCH)" LRFUSE_CUDA=0 PYTHON=$(PYTHON)
+
 bench: $(VENV)/.built
 	$(VENV)/bin/lrfuse bench
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH)" "setuptools>=77" wheel ninja
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above, not a fresh one.
@@ -33,4 +44,4 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build lrfuse/*.so
+	rm -rf $(VENV) $(OLDEST) build lrfuse/*.so
