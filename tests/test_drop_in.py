@@ -278,3 +278,25 @@ def test_fitting_state_dict_still_loads_and_continues():
     fused.load_state_dict(copy.deepcopy(oracle.state_dict()))
     for i in range(2):
         step_both(params, ref, fused, oracle, f"after load {i}")
+
+
+# Group values that change in place (a betas list, a 0-d numpy array lr) reach the next step.
+@pytest.mark.parametrize("edit", ["numpy lr", "betas list"])
+def test_group_value_changed_in_place(edit):
+    import numpy as np
+
+    torch.manual_seed(0)
+    params = [leaf(torch.randn(6, 5))]
+    ref = [clone_like(params[0])]
+    make = (lambda: {"lr": np.array(0.01)}) if edit == "numpy lr" else dict
+    fused, oracle = lrfuse.FusedAdam(params, **make()), torch.optim.Adam(ref, foreach=False, **make())
+    if edit == "betas list":  # torch keeps constructor betas as a tuple; a user may set a list
+        for opt in (fused, oracle):
+            opt.param_groups[0]["betas"] = [0.9, 0.999]
+    step_both(params, ref, fused, oracle, "first")
+    for opt in (fused, oracle):
+        if edit == "numpy lr":
+            opt.param_groups[0]["lr"][...] = 0.05
+        else:
+            opt.param_groups[0]["betas"][0] = 0.5
+    step_both(params, ref, fused, oracle, f"after {edit} changed in place")
