@@ -13,32 +13,12 @@ import itertools
 import operator
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lrfuse import ops
-
-try:  # torch builds without torch.distributed have no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()
-
-
-def _unwrap(t: Tensor) -> Tensor:
-    """What the kernels update for ``t``: a DTensor's local shard, a complex tensor as real pairs."""
-    if isinstance(t, DTensor):
-        t = t._local_tensor  # what to_local() returns under no_grad
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _unwrap_grad(grad: Tensor, param: Tensor) -> Tensor:
-    """The gradient's local values laid out as the parameter's shard (a replicated parameter's
-    gradient may arrive partial: reduced here, as a DTensor op on the two would)."""
-    if isinstance(grad, DTensor) and isinstance(param, DTensor) and grad.placements != param.placements:
-        grad = grad.redistribute(param.device_mesh, param.placements)
-    return _unwrap(grad)
+from lrfuse.optim._cache import DTensor, StepCache, Call, Plan, unwrap, unwrap_grad
 
 
 def _step_dtype() -> torch.dtype:
@@ -46,90 +26,11 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _immutable(value) -> bool:
-    """Whether a group value can only change by being replaced (what the hyper table's identity
-    scan relies on); a list or a numpy array can change in place."""
-    if type(value) is tuple:
-        return all(map(_immutable, value))
-    return isinstance(value, (int, float, Tensor))
-
-
-@dataclass
-class _Call:
-    """The lists of one native call: the tensors of one device sharing one state layout."""
-
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    states: list[list[Tensor]] = field(default_factory=list)
-    steps: list[Tensor] = field(default_factory=list)
-    group_of: list[int] = field(default_factory=list)
-    grad_index: list[int] = field(default_factory=list)  # where each gradient sits in the step's flat list
-    # Entries passed unwrapped (DTensor, complex): (position, parameter, its state, the state key of
-    # each state list or None). Unwrapped again every step: `p.data = ...` or FSDP2 re-pointing a
-    # shard replaces what an unwrapped view would still show.
-    wrapped: list[tuple[int, Tensor, dict, tuple]] = field(default_factory=list)
-    takes_all: bool = False  # the step's flat gradient list is this call's list as it is
-    refs: object = None      # C++ references to params, state and steps (ops.hold_refs)
-
-    def refresh(self, grads: list[Tensor | None]) -> None:
-        """Takes this step's gradients (backward may have replaced them)."""
-        self.grads = grads if self.takes_all else list(map(grads.__getitem__, self.grad_index))
-        for k, p, state, keys in self.wrapped:
-            self.params[k] = _unwrap(p)
-            self.grads[k] = _unwrap_grad(self.grads[k], p)
-            for lst, key in zip(self.states, keys):
-                if key is not None:
-                    lst[k] = _unwrap(state[key])
-
-
-@dataclass
-class _Plan:
-    """The calls of a step, reusable while the parameters, which of them have a gradient, the
-    group structure, the state dicts and every value in them stay the objects they were when it
-    was built."""
-
-    calls: dict[tuple[torch.device, tuple[bool, ...]], _Call]
-    checked_natively: bool  # one native call, whose own checks run before any write
-    key: tuple = ()         # (id of the state dict, (size, state layout, capturable) of each group)
-    params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
-    has_grad: bytes = b""   # which of them had a gradient
-    states: list[dict] = field(default_factory=list)    # optimizer.state's values, in order
-    values: list = field(default_factory=list)          # every value of those, in order
-
-
-@dataclass
-class _Hyper:
-    """A device's hyper table and what it was written from."""
-
-    sources: list[tuple] | None  # each group's `_row_keys` values as the objects they were; None:
-                                 # a value that can change in place, so the identity fast path is off
-    floats: tuple         # the rows' numbers (None where a cell is a tensor)
-    table: Tensor         # on the device; the kernels read it
-    host: Tensor          # the host copy it was last written from
-    tensor_cells: list[tuple[int, int, Tensor]]  # (row, column, 0-d view of the tensor): copied at every call
-
-
 _grad_of = operator.attrgetter("grad")
 
 # Where GradScaler.step lives (torch.cuda.amp's and FSDP's scalers inherit it): the one caller
 # told that the step unscales and skips inside the kernel.
 _GRAD_SCALER = "torch.amp.grad_scaler"
-
-
-def _same_objects(new, old: list) -> bool:
-    """Whether ``new`` holds exactly the objects of ``old``, in order: a C-level identity scan."""
-    return len(new) == len(old) and all(map(operator.is_, new, old))
-
-
-def _state_values(states: list[dict]) -> list:
-    """Every value of every state dict, in order."""
-    return list(itertools.chain.from_iterable(map(dict.values, states)))
-
-
-def _same_values(states: list[dict], values: list) -> bool:
-    """Whether the state dicts hold exactly ``values``, in order (no list built: ~170 ns a dict)."""
-    return (sum(map(len, states)) == len(values)
-            and all(map(operator.is_, itertools.chain.from_iterable(map(dict.values, states)), values)))
 
 
 class _FusedStep:
@@ -172,7 +73,7 @@ class _FusedStep:
 
     def __init__(self, params, *args, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
-        self._hyper_cache: dict[torch.device, _Hyper] = {}
+        self._cache = StepCache()  # an attribute: dynamo before torch 2.15 cannot trace __dict__.setdefault
         for group in self.param_groups:
             if group.get("differentiable"):
                 raise ValueError(f"{type(self).__name__} does not support differentiable=True; "
@@ -180,8 +81,10 @@ class _FusedStep:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # Unpickled and copied optimizers come without it (torch pickles defaults, state and groups).
-        self.__dict__.setdefault("_hyper_cache", {})
+        # Unpickled and copied optimizers come without it (torch pickles defaults, state and groups);
+        # load_state_dict keeps it (the hyper tables keep their addresses for captured CUDA graphs).
+        if "_cache" not in self.__dict__:
+            self._cache = StepCache()
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -264,16 +167,12 @@ class _FusedStep:
                 self._copy_back_complex(call)
         return loss
 
-    def _calls(self) -> tuple[dict[tuple[torch.device, tuple[bool, ...]], _Call], list[Tensor | None]]:
+    def _calls(self) -> tuple[dict[tuple[torch.device, tuple[bool, ...]], Call], list[Tensor | None]]:
         """The native calls of this step, and the gradients of every parameter in group order.
 
-        Building the calls costs microseconds per tensor, so the plan is kept while the
-        parameters, which of them have a gradient, the group structure, the state dicts and every
-        value in them are the objects they were (a tensor replaced in a state dict, a cleared or
-        deleted state, a new dict: each rebuilds the plan, so the step uses exactly what
-        ``self.state`` holds); then only the gradients, which backward may replace every step, are
-        refreshed. The checks are C-level identity scans: hashing 2,000 tensors into
-        ``self.state`` would cost more than the rest of the step's Python.
+        Building the calls costs microseconds per tensor, so the plan is kept (:class:`StepCache`)
+        while everything it was built from is the same objects; then only the gradients, which
+        backward may replace every step, are refreshed.
         """
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
             grads = [p.grad for group in self.param_groups for p in group["params"]]
@@ -283,19 +182,10 @@ class _FusedStep:
         key = (id(self.state), tuple((len(g["params"]), self._uses(g), bool(g.get("capturable")))
                                      for g in self.param_groups))
         has_grad = bytes(map(operator.is_not, grads, itertools.repeat(None)))
-        plan: _Plan | None = self.__dict__.get("_plan_cache")
-        if (plan is None or plan.key != key or plan.has_grad != has_grad
-                or not _same_objects(params, plan.params) or not _same_objects(self.state.values(), plan.states)
-                or not _same_values(plan.states, plan.values)):
+        plan = self._cache.kept_plan(key, params, has_grad, self.state.values())
+        if plan is None:
             plan = self._build(grads)
-            plan.key, plan.params, plan.has_grad = key, params, has_grad
-            plan.states = list(self.state.values())
-            plan.values = _state_values(plan.states)
-            for call in plan.calls.values():  # the kept tensors box cheaply from now on
-                unwrapped = {k for k, *_ in call.wrapped}  # their views are made anew each step
-                kept = [t for lst in (call.params, *call.states) for k, t in enumerate(lst) if k not in unwrapped]
-                call.refs = ops.hold_refs([*kept, *call.steps])
-            self.__dict__["_plan_cache"] = plan
+            self._cache.keep(plan, key, params, has_grad, self.state.values())
             return plan.calls, grads
         if not plan.checked_natively:
             self._check_grads(grads)
@@ -328,13 +218,13 @@ class _FusedStep:
                     f"is on {p.device}; leave capturable off there (torch.optim.{self._torch_name} refuses "
                     "it too)")
 
-    def _build(self, grads: list[Tensor | None]) -> _Plan:
+    def _build(self, grads: list[Tensor | None]) -> Plan:
         """Checks every gradient, then creates missing state, then sorts tensors into calls."""
         self._check_grads(grads)
         compiling = torch.compiler.is_compiling()
         if not compiling:  # dynamo may set capturable itself, as torch's own check assumes
             self._check_capturable(grads)
-        calls: dict[tuple[torch.device, tuple[bool, ...]], _Call] = {}
+        calls: dict[tuple[torch.device, tuple[bool, ...]], Call] = {}
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
             if grad is None:
@@ -345,14 +235,14 @@ class _FusedStep:
             call = calls.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
-                call = calls[(p.device, uses)] = _Call(states=[[] for _ in self._all_state_keys])
+                call = calls[(p.device, uses)] = Call(states=[[] for _ in self._all_state_keys])
             k = len(call.params)
             keys = tuple(key if on else None for key, on in zip(self._all_state_keys, active))
-            call.params.append(_unwrap(p))
-            call.grads.append(_unwrap_grad(grad, p))
+            call.params.append(unwrap(p))
+            call.grads.append(unwrap_grad(grad, p))
             for lst, key in zip(call.states, keys):
                 if key is not None:
-                    lst.append(_unwrap(state[key]))
+                    lst.append(unwrap(state[key]))
             call.steps.append(state["step"])
             call.group_of.append(g)
             call.grad_index.append(j)
@@ -368,10 +258,10 @@ class _FusedStep:
         for call in calls.values():
             call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.wrapped
         native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
-        return _Plan(calls=calls, checked_natively=native)
+        return Plan(calls=calls, checked_natively=native)
 
     @staticmethod
-    def _copy_back_complex(call: _Call) -> None:
+    def _copy_back_complex(call: Call) -> None:
         """Under torch.compile: the real copies of complex tensors back into them (see _build)."""
         for k, p, state, keys in call.wrapped:
             if p.is_complex():
@@ -399,62 +289,10 @@ class _FusedStep:
         return state
 
     def _hyper(self, device: torch.device) -> Tensor:
-        """The hyper table on ``device``: one tensor per device, kept and updated in place.
-
-        Number values are compared on the host and written only when one changed (on CUDA from
-        pinned memory, non_blocking: no sync). Tensor values (an lr tensor that a scheduler
-        updates with ``fill_``) are copied into their cells on the device at every call, so a
-        compiled step reads the new value without recompiling and a captured CUDA graph, which
-        keeps this table's address, replays the copy. A number changed between graph replays is
-        not seen (no Python runs on replay): use a tensor lr on the parameters' device for that.
-        """
+        """The hyper table on ``device`` (:meth:`StepCache.hyper`) for the groups as they are now."""
         compiling = torch.compiler.is_compiling()
         if compiling:  # dynamo does not trace itemgetter
             sources = [tuple(g[k] for k in self._row_keys) for g in self.param_groups]
         else:
             sources = list(map(operator.itemgetter(*self._row_keys), self.param_groups))
-        cache = self._hyper_cache  # an attribute, not __dict__.setdefault: dynamo before 2.15 cannot trace that
-        cached: _Hyper | None = cache.get(device)
-        # Eager fast path: every value the same object as when the table was written means the
-        # same numbers (numbers and tuples are immutable; tensor cells are copied below anyway).
-        # One C-level pass instead of converting every row: 200 groups in ~50 us, not ~400.
-        if (compiling or cached is None or cached.sources is None
-                or len(sources) != len(cached.sources)
-                or not all(map(operator.is_, itertools.chain.from_iterable(sources),
-                               itertools.chain.from_iterable(cached.sources)))):
-            cached = self._write_hyper(device, sources, cached)
-            cache[device] = cached
-        table = cached.table
-        for r, c, v in cached.tensor_cells:
-            table[r, c].copy_(v)
-        return table
-
-    def _write_hyper(self, device: torch.device, sources: list[tuple], cached: _Hyper | None) -> _Hyper:
-        """The table entry for ``sources``: ``cached``'s table, rewritten if a number changed."""
-        floats = []
-        tensor_cells = []
-        for r, values in enumerate(sources):
-            row = self._row(values)
-            for c, v in enumerate(row):
-                if isinstance(v, Tensor):  # torch accepts any one-element shape ([1], [1, 1, 1])
-                    tensor_cells.append((r, c, v.reshape(())))
-            floats.append(tuple(None if isinstance(v, Tensor) else float(v) for v in row))
-        floats = tuple(floats)
-        # A value that can change in place (betas given as a list, a numpy array): no identity
-        # fast path then.
-        if not all(map(_immutable, itertools.chain.from_iterable(sources))):
-            sources = None
-        if cached is not None and cached.floats == floats:
-            return _Hyper(sources, floats, cached.table, cached.host, tensor_cells)
-        pin = device.type == "cuda" and not torch.compiler.is_compiling()
-        host = torch.tensor([[0.0 if v is None else v for v in row] for row in floats],
-                            dtype=torch.float64, pin_memory=pin)
-        table = cached.table if cached is not None and cached.table.shape == host.shape else None
-        if table is None:
-            table = torch.empty(host.shape, dtype=torch.float64, device=device)
-        table.copy_(host, non_blocking=pin)
-        if pin and torch.cuda.is_current_stream_capturing():
-            # A copy captured in a CUDA graph re-reads `host` at every replay: keep it for good.
-            self.__dict__.setdefault("_captured_hyper_sources", []).append(host)
-        # `host` is kept while these values stand, for the same reason.
-        return _Hyper(sources, floats, table, host, tensor_cells)
+        return self._cache.hyper(device, sources, self._row, compiling)

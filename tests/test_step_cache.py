@@ -1,4 +1,5 @@
-"""The call plan kept between steps must never act on stale tensors."""
+"""What an optimizer keeps between steps (lrfuse/optim/_cache.py) must never act on a stale tensor
+or value: StepCache on its own, then through the optimizer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,98 @@ import pytest
 import torch
 
 import lrfuse
+from lrfuse.optim._cache import Plan, StepCache
 from parity import clone_like, leaf, step_both
+
+
+# StepCache on its own -------------------------------------------------------------------------
+
+
+def kept_setup():
+    params = [torch.zeros(3), torch.zeros(2)]
+    states = [{"step": torch.zeros(()), "exp_avg": torch.zeros(3)}, {"step": torch.zeros(()), "exp_avg": torch.zeros(2)}]
+    cache = StepCache()
+    plan = Plan(calls={}, checked_natively=True)
+    cache.keep(plan, ("key",), list(params), b"\x01\x01", states)
+    return cache, plan, params, states
+
+
+def test_plan_is_kept_while_everything_is_the_same_object():
+    cache, plan, params, states = kept_setup()
+    assert cache.kept_plan(("key",), list(params), b"\x01\x01", states) is plan
+
+
+@pytest.mark.parametrize("change", [
+    "key", "has_grad", "parameter swapped", "state dict replaced", "value replaced", "value added",
+    "state cleared", "value replaced by an equal tensor"])
+def test_any_change_of_what_the_plan_was_built_from_drops_it(change):
+    cache, plan, params, states = kept_setup()
+    key, has_grad = ("key",), b"\x01\x01"
+    if change == "key":
+        key = ("other",)
+    elif change == "has_grad":
+        has_grad = b"\x01\x00"
+    elif change == "parameter swapped":
+        params[1] = torch.zeros(2)
+    elif change == "state dict replaced":
+        states[0] = dict(states[0])
+    elif change == "value replaced":
+        states[1]["exp_avg"] = torch.ones(2)
+    elif change == "value added":
+        states[1]["max_exp_avg_sq"] = torch.zeros(2)
+    elif change == "state cleared":
+        states[0].clear()
+    else:  # same values, another tensor: the plan would update the old one
+        states[0]["step"] = states[0]["step"].clone()
+    assert cache.kept_plan(key, params, has_grad, states) is None
+
+
+def row(values):
+    lr, beta = values
+    return [lr, beta[0] if isinstance(beta, (list, tuple)) else beta]
+
+
+def test_hyper_table_is_rewritten_only_when_a_number_changed():
+    cache = StepCache()
+    dev = torch.device("cpu")
+    groups = [(0.1, (0.9,)), (0.2, (0.8,))]
+    table = cache.hyper(dev, list(groups), row, compiling=False)
+    assert table.tolist() == [[0.1, 0.9], [0.2, 0.8]]
+    first = cache.tables[dev]
+    assert cache.hyper(dev, list(groups), row, compiling=False) is table and cache.tables[dev] is first
+    groups[1] = (0.5, (0.8,))  # a scheduler assigns a new float
+    assert cache.hyper(dev, list(groups), row, compiling=False) is table  # same tensor, new row
+    assert table.tolist() == [[0.1, 0.9], [0.5, 0.8]]
+
+
+@pytest.mark.parametrize("mutable", ["list", "numpy array"])
+def test_values_that_change_in_place_are_read_every_call(mutable):
+    import numpy as np
+
+    cache = StepCache()
+    dev = torch.device("cpu")
+    value = [0.9] if mutable == "list" else np.array(0.1)
+    groups = [(0.1, value)] if mutable == "list" else [(value, (0.9,))]
+    cache.hyper(dev, groups, row, compiling=False)
+    assert cache.tables[dev].sources is None  # no identity fast path for this table
+    if mutable == "list":
+        value[0] = 0.5
+    else:
+        value[...] = 0.5
+    assert 0.5 in cache.hyper(dev, groups, row, compiling=False).tolist()[0]
+
+
+def test_tensor_cells_are_copied_every_call_whatever_their_one_element_shape():
+    cache = StepCache()
+    dev = torch.device("cpu")
+    lr = torch.tensor([[0.1]])
+    groups = [(lr, (0.9,))]
+    assert cache.hyper(dev, groups, row, compiling=False)[0].tolist() == pytest.approx([0.1, 0.9])  # float32 lr
+    lr.fill_(0.3)
+    assert cache.hyper(dev, groups, row, compiling=False).tolist()[0][0] == pytest.approx(0.3)
+
+
+# Through the optimizer ---------------------------------------------------------------------------
 
 
 def pair(lr=1e-2):
@@ -99,7 +191,7 @@ def test_optimizer_with_a_kept_plan_copies_and_pickles():
     params, ref, fused, oracle = pair()
     step_both(params, ref, fused, oracle, "first")
     for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
-        assert "_plan_cache" not in clone.__dict__
+        assert clone._cache is not fused._cache and clone._cache.plan is None
         cloned = [p for g in clone.param_groups for p in g["params"]]
         for p in cloned:
             p.grad = torch.ones_like(p)
