@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lrfuse import ops
-from lrfuse.optim._cache import DTensor, StepCache, Call, Plan, unwrap, unwrap_grad
+from lrfuse.optim._cache import Call, DTensor, Plan, StepCache, unwrap, unwrap_grad
 
 
 def _step_dtype() -> torch.dtype:
