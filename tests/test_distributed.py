@@ -104,6 +104,14 @@ class _Run:
             torch.nn.functional.mse_loss(self.ref(x), y).backward()
             self.ref_opt.step()
 
+    def train_and_compare(self, steps: int) -> list:
+        """``steps`` steps of both, compared after each: the rows of every comparison."""
+        rows: list = []
+        for step in range(steps):
+            self.step(step)
+            self.compare(rows, step)
+        return rows
+
     def compare(self, rows: list, step: int) -> None:
         from torch.distributed.tensor import DTensor
 
@@ -143,12 +151,7 @@ def _case_fsdp2(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
     ref = _mlp(sizes, seed=0)
     model = _fsdp_model(sizes, seed=0, mesh=mesh)
     assert all(_full(p).equal(q) for p, q in zip(model.parameters(), ref.parameters()))
-    run = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=True)
-    rows: list = []
-    for step in range(STEPS):
-        run.step(step)
-        run.compare(rows, step)
-    out["rows"] = rows
+    out["rows"] = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=True).train_and_compare(STEPS)
 
 
 def _case_tp(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
@@ -158,12 +161,7 @@ def _case_tp(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
     ref = _mlp(sizes, seed=0)
     model = parallelize_module(_mlp(sizes, seed=0), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     assert all(_full(p).equal(q) for p, q in zip(model.parameters(), ref.parameters()))
-    run = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=False)
-    rows: list = []
-    for step in range(STEPS):
-        run.step(step)
-        run.compare(rows, step)
-    out["rows"] = rows
+    out["rows"] = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=False).train_and_compare(STEPS)
 
 
 def _case_checkpoint(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:

@@ -269,6 +269,26 @@ def assert_same(fused, oracle, params, ref, where: str, **tol) -> None:
                 assert mine[key] == value, f"{where}, param {i}, state {key!r}: {mine[key]!r} != {value!r}"
 
 
+def pair_over(cfg: Config, params: list[Tensor]) -> tuple[list[Tensor], torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Exact copies of ``params``, the fused optimizer of ``cfg`` over ``params`` and torch's
+    for-loop over the copies."""
+    fused_cls, torch_cls = PAIRS[cfg.name]
+    ref = [clone_leaf(p) for p in params]
+    return ref, fused_cls(params, **cfg.make()), torch_cls(ref, **cfg.forloop())
+
+
+def step_both(fused, oracle, params, ref, steps, rule=lambda step, i: True, where: str | None = None, **tol) -> None:
+    """Both optimizers through ``steps`` on the same gradients; after each step, when ``where`` is
+    given, parameters and state must agree (:func:`assert_same`)."""
+    for step in steps:
+        set_grads(params, ref, step, rule)
+        fused.step()
+        oracle.step()
+        if where is not None:
+            assert_same(fused, oracle, params, ref, f"{where}step {step}", **tol)
+
+
+
 @torch.no_grad()
 def resync(oracle, fused, ref, params) -> None:
     """Copies the fused optimizer's parameters and state into the oracle's, so that the next step
@@ -376,16 +396,9 @@ def test_matches_forloop(cfg, dtype):
     state tensor (dtype included) after each step."""
     if dtype.is_complex and not INFO[cfg.name].supports_complex:
         pytest.skip("torch does not support complex parameters for this optimizer")
-    fused_cls, torch_cls = PAIRS[cfg.name]
     params = make_params(dtype)
-    ref = [clone_leaf(p) for p in params]
-    fused = fused_cls(params, **cfg.make())
-    oracle = torch_cls(ref, **cfg.forloop())
-    for step in range(STEPS):
-        set_grads(params, ref, step, has_grad)
-        fused.step()
-        oracle.step()
-        assert_same(fused, oracle, params, ref, f"step {step}")
+    ref, fused, oracle = pair_over(cfg, params)
+    step_both(fused, oracle, params, ref, range(STEPS), has_grad, where="")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,16 +501,10 @@ def test_state_dict_deterministic(cfg):
 def test_load_nontensor_step(cfg):
     """A state_dict whose ``step`` is a Python number (older checkpoints) loads, and the next step
     is torch's after the same load."""
-    fused_cls, torch_cls = PAIRS[cfg.name]
     gen = torch.Generator().manual_seed(0)
     params = [Parameter(torch.randn(2, 3, generator=gen)) for _ in range(2)]
-    ref = [clone_leaf(p) for p in params]
-    fused = fused_cls(params, **cfg.make())
-    oracle = torch_cls(ref, **cfg.forloop())
-    for step in range(3):
-        set_grads(params, ref, step)
-        fused.step()
-        oracle.step()
+    ref, fused, oracle = pair_over(cfg, params)
+    step_both(fused, oracle, params, ref, range(3))
     for opt in (fused, oracle):
         state_dict = copy.deepcopy(opt.state_dict())
         for state in state_dict["state"].values():
@@ -505,11 +512,7 @@ def test_load_nontensor_step(cfg):
                 state["step"] = state["step"].item()
         opt.load_state_dict(state_dict)
     assert_same(fused, oracle, params, ref, "after loading")
-    for step in range(3, 5):
-        set_grads(params, ref, step)
-        fused.step()
-        oracle.step()
-        assert_same(fused, oracle, params, ref, f"step {step}")
+    step_both(fused, oracle, params, ref, range(3, 5), where="")
 
 
 @pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
@@ -541,18 +544,12 @@ def test_state_dict_across_implementations(cfg, direction):
 def test_state_dict_matches_torch(cfg):
     """After identical training the fused class's state_dict is torch's: same param_groups
     (every key and value), same state keys, dtypes, shapes and values."""
-    fused_cls, torch_cls = PAIRS[cfg.name]
     params = make_params(torch.float32)
-    ref = [clone_leaf(p) for p in params]
-    fused = fused_cls(params, **cfg.make())
-    oracle = torch_cls(ref, **cfg.forloop())
+    ref, fused, oracle = pair_over(cfg, params)
     # The same arguments, flags included, give torch's param_groups; its numbers come from the
     # for-loop (torch's fused CPU Adam gets strided and transposed parameters wrong).
-    same_args = torch_cls([clone_leaf(p) for p in params], **cfg.make())
-    for step in range(3):
-        set_grads(params, ref, step, has_grad)
-        fused.step()
-        oracle.step()
+    same_args = PAIRS[cfg.name][1]([clone_leaf(p) for p in params], **cfg.make())
+    step_both(fused, oracle, params, ref, range(3), has_grad)
     mine = fused.state_dict()
     assert_tree(mine["param_groups"], same_args.state_dict()["param_groups"], "param_groups", **EXACT)
     assert_tree(mine["state"], oracle.state_dict()["state"], "state")
@@ -664,11 +661,7 @@ def test_load_state_dict_saved_under_float64_default(name):
         oracle = torch_cls(ref, **cfg.forloop())
         fused.load_state_dict(copy.deepcopy(saved))
         oracle.load_state_dict(copy.deepcopy(saved))
-        for step in range(1, 3):
-            set_grads(mine, ref, step)
-            fused.step()
-            oracle.step()
-            assert_same(fused, oracle, mine, ref, f"{cfg.id} step {step}")
+        step_both(fused, oracle, mine, ref, range(1, 3), where=f"{cfg.id} ")
 
 
 @by_name
@@ -682,11 +675,7 @@ def test_integer_param_without_grad(name):
         ref = [clone_leaf(params[0]), counter.clone(), clone_leaf(params[2])]
         fused = fused_cls(params, **cfg.make())
         oracle = torch_cls(ref, **cfg.forloop())
-        for step in range(3):
-            set_grads(params, ref, step, lambda step, i: i != 1)
-            fused.step()
-            oracle.step()
-            assert_same(fused, oracle, params, ref, f"{cfg.id} step {step}")
+        step_both(fused, oracle, params, ref, range(3), lambda step, i: i != 1, where=f"{cfg.id} ")
         assert torch.equal(counter, torch.arange(6).reshape(2, 3))
 
 
@@ -1065,18 +1054,11 @@ def test_step_is_noop_for_zero_grads(cfg):
 def test_param_without_grad_is_skipped(name):
     """A parameter whose grad is None is not updated, even with weight decay, and gets no state,
     while the others step as torch's do."""
-    fused_cls, torch_cls = PAIRS[name]
     for cfg in ALL[name]:
         params = [leaf(torch.randn(3, 2)), leaf(torch.randn(4)), leaf(torch.randn(2, 2))]
-        ref = [clone_leaf(p) for p in params]
         untouched = params[1].detach().clone()
-        fused = fused_cls(params, **cfg.make())
-        oracle = torch_cls(ref, **cfg.forloop())
-        for step in range(3):
-            set_grads(params, ref, step, lambda step, i: i != 1)
-            fused.step()
-            oracle.step()
-            assert_same(fused, oracle, params, ref, f"{cfg.id} step {step}")
+        ref, fused, oracle = pair_over(cfg, params)
+        step_both(fused, oracle, params, ref, range(3), lambda step, i: i != 1, where=f"{cfg.id} ")
         assert params[1] not in fused.state, cfg.id
         assert torch.equal(params[1].detach(), untouched), cfg.id
 
@@ -1085,15 +1067,10 @@ def test_param_without_grad_is_skipped(name):
 def test_zero_grad(name):
     """zero_grad() drops the gradients (set_to_none) or zeroes them in place, as torch's does,
     and stepping afterwards still follows torch."""
-    fused_cls, torch_cls = PAIRS[name]
     for cfg in ALL[name]:
         params = make_params(torch.float32)[:3]
-        ref = [clone_leaf(p) for p in params]
-        fused = fused_cls(params, **cfg.make())
-        oracle = torch_cls(ref, **cfg.forloop())
-        set_grads(params, ref, 0)
-        fused.step()
-        oracle.step()
+        ref, fused, oracle = pair_over(cfg, params)
+        step_both(fused, oracle, params, ref, range(1))
         fused.zero_grad()
         oracle.zero_grad()
         assert all(p.grad is None for p in params), cfg.id
@@ -1179,7 +1156,6 @@ def test_optimizer_can_be_printed(name):
 def test_set_default_dtype(name, default_dtype):
     """test_set_default_dtype_works_with_foreach: under torch.set_default_dtype, ``step`` has
     torch's dtype (float64 under a float64 default, else float32) and the update is torch's."""
-    fused_cls, torch_cls = PAIRS[name]
     old = torch.get_default_dtype()
     try:
         torch.set_default_dtype(default_dtype)
@@ -1188,16 +1164,11 @@ def test_set_default_dtype(name, default_dtype):
             gen = torch.Generator().manual_seed(0)
             params = [leaf(torch.randn(3, 2, generator=gen, dtype=torch.float64)),
                       leaf(torch.randn(4, generator=gen, dtype=torch.float32))]
-            ref = [clone_leaf(p) for p in params]
-            fused = fused_cls(params, **cfg.make())
-            oracle = torch_cls(ref, **cfg.forloop())
+            ref, fused, oracle = pair_over(cfg, params)
             for step in range(3):
-                set_grads(params, ref, step)
-                oracle.step()
-                fused.step()
+                step_both(fused, oracle, params, ref, [step], where=f"{cfg.id} ")
                 for q in ref:
                     assert oracle.state[q]["step"].dtype == expected_step_dtype  # torch's behaviour
-                assert_same(fused, oracle, params, ref, f"{cfg.id} step {step}")
     finally:
         torch.set_default_dtype(old)
 
