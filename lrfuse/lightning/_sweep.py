@@ -196,14 +196,14 @@ def _loss_of(output: Any) -> Tensor:
 
 def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int = 0, min_lr: float, max_lr: float,
           num_steps: int, mode: str, diverge_factor: float, method: str, bandwidth: float,
-          progress: Callable[[int, float, float], None] | None = None) -> tuple[LRRangeResult, list[float], float]:
+          progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
     """Run the range test on the trainer's optimizer ``optimizer_idx`` and restore everything.
 
     Every group's LR is ``lr * base[g] / reference`` during the sweep, where ``base`` are the
     groups' LRs before it and ``reference = max(base)``, so the ratios between groups survive.
 
     Returns:
-        ``(result, base, reference)``.
+        The range test's result (the LRs of the reference group, the one with the largest base LR).
 
     Raises:
         ValueError: for manual optimization, a missing optimizer or groups whose LRs are all 0.
@@ -268,4 +268,4 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
             else:
                 model.__dict__[name] = value
         snapshot.restore()
-    return result, base, reference
+    return result

@@ -60,10 +60,10 @@ def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, r
     if attr_name and not (hasattr(model, attr_name) or attr_name in getattr(model, "hparams", {})):
         raise AttributeError(f"LRFinder(attr_name={attr_name!r}): the model has no attribute or hparam "
                              f"{attr_name!r}; use one of its attributes, or leave attr_name=None")
-    if trainer is not None and trainer.optimizers:
-        optimizer = trainer.optimizers[optimizer_idx]
+    optimizer = trainer.optimizers[optimizer_idx] if trainer is not None and trainer.optimizers else None
+    if optimizer is not None:
         reference = reference or max(_peak_lr(g) for g in optimizer.param_groups)
-    if trainer is not None and trainer.optimizers and reference:
+    if optimizer is not None and reference:  # groups whose LRs are all 0 have nothing to scale
         ratio = lr / reference
         for group in optimizer.param_groups:
             set_group_lr(group, float(group["lr"]) * ratio)
@@ -179,7 +179,7 @@ class LRFinder(Callback):
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
         try:
-            result, _, _ = sweep(
+            result = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
                 num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
                 bandwidth=self.bandwidth, progress=progress)
