@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["discriminative_groups", "layer_names", "layerwise_groups", "no_decay_param"]
+__all__ = ["discriminative_groups", "group_labels", "group_lrs", "layer_names", "layerwise_groups", "no_decay_param",
+           "peak_lr", "set_group_lr"]
 
 # Parameters of these modules get no weight decay when ``no_decay_norm_bias`` is set.
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -163,3 +164,27 @@ def layerwise_groups(model: nn.Module, lr: float, decay: float = 0.8, layers: Se
 def group_lrs(groups: Iterable[dict]) -> list[float]:
     """The ``lr`` of each group, as floats (a tensor LR is read once)."""
     return [float(g["lr"]) for g in groups]
+
+
+# Per-group LR helpers shared by the finder, the schedule and the health monitor.
+
+def set_group_lr(group: dict, lr: float) -> None:
+    """Set a group's LR, in place when it is a tensor (compiled steps and lrfuse read it there)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def peak_lr(group: dict) -> float:
+    """The LR a group's schedule is built from: OneCycleLR's ``max_lr``, a scheduler's ``initial_lr``, or ``lr``."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+
+
+def group_labels(optimizer: torch.optim.Optimizer) -> list[str | None]:
+    """Each group's label as Lightning's ``LearningRateMonitor`` writes it: the group's ``name``,
+    else ``pg1``, ``pg2`` ... with several groups, else ``None`` (one unnamed group)."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return [groups[0].get("name") or None]
+    return [g.get("name") or f"pg{i + 1}" for i, g in enumerate(groups)]

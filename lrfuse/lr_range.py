@@ -42,11 +42,55 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["METHODS", "LRRangeResult", "lr_values", "range_test", "smooth", "suggest"]
+__all__ = ["METHODS", "LRRangeResult", "check_args", "lr_values", "range_test", "smooth", "suggest"]
 
 METHODS = ("auto", "steepest", "valley", "min10")
 Method = Literal["auto", "steepest", "valley", "min10"]
 _MIN_POINTS = 8  # fewer recorded steps than this cannot show a descent and its end
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def check_args(owner: str = "range_test", *, min_lr: float | None = None, max_lr: float | None = None,
+               num_steps: int | None = None, mode: str | None = None, method: str | None = None,
+               diverge_factor: float | None = None, bandwidth: float | None = None,
+               schedule_mean: float | None = None) -> None:
+    """The one place each range-test argument is checked; ``None`` skips an argument.
+
+    ``LRFinder``, :func:`range_test`, :func:`lr_values` and :func:`suggest` all call this, so an
+    argument is refused with the same message wherever it enters. Messages name ``owner``, the
+    argument and what to pass instead.
+
+    Raises:
+        ValueError: on the first argument out of range.
+    """
+    def fail(what: str) -> None:
+        raise ValueError(f"{owner}: {what}")
+
+    if min_lr is not None and not _finite_positive(min_lr):
+        fail(f"min_lr must be a finite number > 0, got {min_lr!r}; pass e.g. min_lr=1e-7")
+    if max_lr is not None and not _finite_positive(max_lr):
+        fail(f"max_lr must be a finite number > 0, got {max_lr!r}; pass e.g. max_lr=1.0 (the sweep stops "
+             "early once the loss diverges, so a generous finite bound costs nothing)")
+    if min_lr is not None and max_lr is not None and not min_lr < max_lr:
+        fail(f"need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}; swap them or widen the range")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2):
+        fail(f"num_steps must be an integer >= 2, got {num_steps!r}; pass e.g. num_steps=100")
+    if mode is not None and mode not in ("exponential", "linear"):
+        fail(f"mode must be 'exponential' or 'linear', got {mode!r}")
+    if method is not None and method not in METHODS:
+        fail(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if diverge_factor is not None and not (isinstance(diverge_factor, (int, float)) and 1 < diverge_factor < math.inf):
+        fail(f"diverge_factor must be a finite number > 1, got {diverge_factor!r}; pass e.g. diverge_factor=4.0")
+    # A Gaussian wider than half the curve turns it into one straight line: no minimum, no suggestion.
+    if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and 0 < bandwidth <= 0.5):
+        fail(f"bandwidth must be in (0, 0.5] (the smoothing width as a fraction of the points), got {bandwidth!r}; "
+             "pass e.g. bandwidth=0.05")
+    if schedule_mean is not None and not (isinstance(schedule_mean, (int, float)) and 0 < schedule_mean <= 1):
+        fail(f"schedule_mean must be in (0, 1] (the schedule's mean LR factor over its peak), got {schedule_mean!r}; "
+             "compute it with lrfuse.schedules.mean_factor, or pass 1.0 for a constant LR")
 
 
 def lr_values(min_lr: float, max_lr: float, num_steps: int,
@@ -54,17 +98,12 @@ def lr_values(min_lr: float, max_lr: float, num_steps: int,
     """The ``num_steps`` LRs of the sweep, from ``min_lr`` to ``max_lr`` inclusive.
 
     Raises:
-        ValueError: if ``0 < min_lr < max_lr`` does not hold, ``num_steps < 2`` or ``mode`` is unknown.
+        ValueError: if ``0 < min_lr < max_lr`` (finite) does not hold, ``num_steps < 2`` or ``mode`` is unknown.
     """
-    if not 0 < min_lr < max_lr:
-        raise ValueError(f"need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    check_args("lr_values", min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode)
     if mode == "exponential":
         return np.geomspace(min_lr, max_lr, num_steps)
-    if mode == "linear":
-        return np.linspace(min_lr, max_lr, num_steps)
-    raise ValueError(f"mode must be 'exponential' or 'linear', got {mode!r}")
+    return np.linspace(min_lr, max_lr, num_steps)
 
 
 def smooth(lrs: Sequence[float], losses: Sequence[float], bandwidth: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +158,8 @@ class LRRangeResult:
         candidates: the LR each method suggests (``None`` where it has none).
         reason: why no suggestion could be made, else ``None``.
         stopped: why the sweep stopped early (``"diverged"``, ``"non-finite loss"``, ...), else ``None``.
+        schedule_mean: the mean LR factor of the schedule :attr:`lr` is the peak of (1.0: constant LR).
+        constant_lr: the suggestion for a constant LR; equals :attr:`lr` when ``schedule_mean`` is 1.
     """
 
     lr: float | None
@@ -132,6 +173,8 @@ class LRRangeResult:
     candidates: dict[str, float | None] = field(default_factory=dict)
     reason: str | None = None
     stopped: str | None = None
+    schedule_mean: float = 1.0
+    constant_lr: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,7 +182,9 @@ class LRRangeResult:
         return self.lr is not None
 
     def suggest(self, method: Method = "auto", **kwargs) -> LRRangeResult:
-        """The same curve with another suggestion method (see :func:`suggest`)."""
+        """The same curve with another suggestion method (see :func:`suggest`); the same
+        ``schedule_mean`` unless given."""
+        kwargs.setdefault("schedule_mean", self.schedule_mean)
         out = suggest(self.lrs, self.losses, method=method, **kwargs)
         out.stopped = self.stopped
         return out
@@ -148,7 +193,10 @@ class LRRangeResult:
         """One line for people: the suggestion and its range, or the reason there is none."""
         if self.lr is None:
             return f"no LR suggestion: {self.reason}"
-        return f"suggested lr {self.lr:.3g} ({self.method}), plausible range {self.low:.3g} .. {self.high:.3g}"
+        peak = "" if self.schedule_mean == 1 else (
+            f" as the schedule's peak (mean factor {self.schedule_mean:.2g}; constant lr {self.constant_lr:.3g})")
+        return (f"suggested lr {self.lr:.3g} ({self.method}){peak}, plausible range {self.low:.3g} .. "
+                f"{self.high:.3g}")
 
     def plot(self, path: str | None = None, ax=None, title: str | None = None):
         """Loss against LR (log axis), raw and smoothed, with the suggestion and range marked.
@@ -207,7 +255,7 @@ def _longest_descent(slopes: np.ndarray, end: int, threshold: float) -> tuple[in
 
 
 def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "auto", bandwidth: float = 0.05,
-            min_drop: float = 0.02) -> LRRangeResult:
+            min_drop: float = 0.02, schedule_mean: float = 1.0) -> LRRangeResult:
     """Suggest an LR from a recorded range-test curve.
 
     Points from the first non-finite loss on are dropped. No suggestion (``lr=None`` with a
@@ -220,12 +268,15 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
         method: ``auto``, ``steepest``, ``valley`` or ``min10`` (see the module docstring).
         bandwidth: smoothing width as a fraction of the number of points (see :func:`smooth`).
         min_drop: the smallest relative fall of the smoothed loss that counts as a descent.
+        schedule_mean: the mean LR factor of the schedule the suggestion will peak (1.0: a constant
+            LR; see :func:`lrfuse.schedules.mean_factor`). Below 1 the suggestion is the schedule's
+            peak: the constant-LR pick divided by ``schedule_mean`` (the same LR summed over the run),
+            but never above the LR where the smoothed loss stopped falling, nor below the constant pick.
 
     Raises:
-        ValueError: on an unknown method or mismatched lengths.
+        ValueError: on an unknown method, an out-of-range bandwidth or schedule_mean, or mismatched lengths.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_args("suggest", method=method, bandwidth=bandwidth, schedule_mean=schedule_mean)
     if len(lrs) != len(losses):
         raise ValueError(f"lrs and losses must have the same length, got {len(lrs)} and {len(losses)}")
     lr_arr = np.asarray(lrs, dtype=np.float64)
@@ -235,7 +286,8 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
 
     def empty(reason: str, smoothed=(), slopes=()) -> LRRangeResult:
         return LRRangeResult(None, None, None, method, list(map(float, lrs)), list(map(float, losses)),
-                             list(map(float, smoothed)), list(map(float, slopes)), {}, reason)
+                             list(map(float, smoothed)), list(map(float, slopes)), {}, reason,
+                             schedule_mean=schedule_mean)
 
     if n < _MIN_POINTS:
         return empty(f"only {n} usable points before the loss diverged or the sweep ended (need {_MIN_POINTS}); "
@@ -280,17 +332,25 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
     if chosen is None:
         return LRRangeResult(None, None, None, method, list(map(float, lrs)), list(map(float, losses)),
                              ys.tolist(), dy.tolist(), candidates,
-                             f"method {method!r} found no descending part of the curve; try method='auto'")
+                             f"method {method!r} found no descending part of the curve; try method='auto'",
+                             schedule_mean=schedule_mean)
+    constant = chosen
+    if schedule_mean < 1:
+        # A schedule runs below its peak most of the time: match the constant pick's summed LR
+        # (peak = constant / mean), capped where the loss stopped falling, past which the range
+        # test saw training become unstable.
+        chosen = max(constant, min(constant / schedule_mean, float(x[i_min])))
     low = float(x[run[0]]) if run is not None else float(x[0])
     high = float(x[run[1]]) if run is not None else float(x[i_min])
     low, high = min(low, chosen), max(high, chosen)
     return LRRangeResult(chosen, low, high, method, list(map(float, lrs)), list(map(float, losses)),
-                         ys.tolist(), dy.tolist(), candidates, None)
+                         ys.tolist(), dy.tolist(), candidates, None, schedule_mean=schedule_mean,
+                         constant_lr=constant)
 
 
 def range_test(step: Callable[[float], float], min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,
                mode: Literal["exponential", "linear"] = "exponential", diverge_factor: float = 4.0,
-               method: Method = "auto", bandwidth: float = 0.05,
+               method: Method = "auto", bandwidth: float = 0.05, schedule_mean: float = 1.0,
                should_stop: Callable[[bool], bool] | None = None,
                progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
     """Run an LR range test: call ``step(lr)`` with rising LRs, record the losses, suggest an LR.
@@ -302,7 +362,7 @@ def range_test(step: Callable[[float], float], min_lr: float = 1e-7, max_lr: flo
         step: does one training step at ``lr`` and returns its loss (a float).
         min_lr, max_lr, num_steps, mode: the sweep (see :func:`lr_values`).
         diverge_factor: the stop threshold above, > 1.
-        method, bandwidth: passed to :func:`suggest`.
+        method, bandwidth, schedule_mean: passed to :func:`suggest`.
         should_stop: turns this process's stop decision into the one every process takes
             (under DDP: a reduction across ranks); identity when ``None``.
         progress: called as ``progress(i, lr, loss)`` after each step.
@@ -310,8 +370,8 @@ def range_test(step: Callable[[float], float], min_lr: float = 1e-7, max_lr: flo
     Raises:
         ValueError: on invalid sweep arguments.
     """
-    if diverge_factor <= 1:
-        raise ValueError(f"diverge_factor must be > 1, got {diverge_factor}")
+    check_args("range_test", min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, method=method,
+               diverge_factor=diverge_factor, bandwidth=bandwidth, schedule_mean=schedule_mean)
     schedule = lr_values(min_lr, max_lr, num_steps, mode)
     lrs: list[float] = []
     losses: list[float] = []
@@ -340,6 +400,6 @@ def range_test(step: Callable[[float], float], min_lr: float = 1e-7, max_lr: flo
         if stop:
             stopped = reason
             break
-    result = suggest(lrs, losses, method=method, bandwidth=bandwidth)
+    result = suggest(lrs, losses, method=method, bandwidth=bandwidth, schedule_mean=schedule_mean)
     result.stopped = stopped
     return result

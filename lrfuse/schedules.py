@@ -26,8 +26,26 @@ from typing import Literal
 
 __all__ = [
     "Constant", "Cosine", "Exponential", "MultiStep", "OneCycle", "Plateau", "Schedule",
-    "StepDecay", "Warmup", "make_schedule",
+    "StepDecay", "Warmup", "make_schedule", "mean_factor",
 ]
+
+
+def _length(name: str, value, minimum: int) -> int:
+    """A length in steps: a whole number >= ``minimum`` (an integral float is accepted), else ValueError.
+
+    The one check of every length here: ``nan < 1`` is False, so plain comparisons let NaN through.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or value < minimum:
+        raise ValueError(f"{name} must be a whole number of steps >= {minimum}, got {value!r}; pass an int")
+    return int(value)
+
+
+def _positive(name: str, value) -> float:
+    """A finite number > 0, else ValueError naming ``name``."""
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_step(t: int | float) -> float:
@@ -69,12 +87,8 @@ class StepDecay(Schedule):
     """
 
     def __init__(self, step_size: int, gamma: float = 0.1) -> None:
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}")
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        self.step_size = int(step_size)
-        self.gamma = float(gamma)
+        self.step_size = _length("step_size", step_size, 1)
+        self.gamma = _positive("gamma", gamma)
 
     def factor(self, t: float) -> float:
         return self.gamma ** (int(t) // self.step_size)
@@ -105,8 +119,8 @@ class MultiStep(Schedule):
             raise ValueError(
                 f"factors needs len(milestones) + 1 = {len(milestones) + 1} values (one per piece), "
                 f"got {len(factors)}")
-        if factors is None and gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
+        if factors is None:
+            _positive("gamma", gamma)
         self.milestones = milestones
         self.gamma = float(gamma)
         self.factors = None if factors is None else [float(f) for f in factors]
@@ -124,9 +138,7 @@ class Exponential(Schedule):
     """
 
     def __init__(self, gamma: float) -> None:
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        self.gamma = float(gamma)
+        self.gamma = _positive("gamma", gamma)
 
     def factor(self, t: float) -> float:
         return self.gamma ** t
@@ -151,11 +163,13 @@ class Cosine(Schedule):
 
     def __init__(self, total_steps: int | None = None, min_factor: float = 0.0,
                  restart_period: int | None = None, restart_mult: float = 1.0) -> None:
-        if restart_period is None and (total_steps is None or total_steps < 1):
-            raise ValueError(f"total_steps must be >= 1 (or pass restart_period), got {total_steps}")
-        if restart_period is not None and restart_period < 1:
-            raise ValueError(f"restart_period must be >= 1, got {restart_period}")
-        if restart_mult < 1:
+        if restart_period is None:
+            if total_steps is None:
+                raise ValueError("total_steps must be given (or pass restart_period for restarts)")
+            total_steps = _length("total_steps", total_steps, 1)
+        else:
+            restart_period = _length("restart_period", restart_period, 1)
+        if not 1 <= restart_mult < math.inf:
             raise ValueError(f"restart_mult must be >= 1, got {restart_mult}")
         if not 0.0 <= min_factor <= 1.0:
             raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
@@ -200,12 +214,11 @@ class Warmup(Schedule):
     """
 
     def __init__(self, inner: Schedule, warmup_steps: int, start_factor: float = 0.0) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        warmup_steps = _length("warmup_steps", warmup_steps, 0)
         if not 0.0 <= start_factor <= 1.0:
             raise ValueError(f"start_factor must be in [0, 1], got {start_factor}")
         self.inner = inner
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = warmup_steps
         self.start_factor = float(start_factor)
 
     def factor(self, t: float) -> float:
@@ -232,11 +245,10 @@ class OneCycle(Schedule):
 
     def __init__(self, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
                  final_div_factor: float = 1e4) -> None:
-        if total_steps < 2:
-            raise ValueError(f"total_steps must be >= 2, got {total_steps}")
+        total_steps = _length("total_steps", total_steps, 2)
         if not 0.0 < pct_start < 1.0:
             raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
-        if div_factor < 1 or final_div_factor < 1:
+        if not (1 <= div_factor < math.inf and 1 <= final_div_factor < math.inf):
             raise ValueError(f"div_factor and final_div_factor must be >= 1, got {div_factor}, {final_div_factor}")
         self.total_steps = int(total_steps)
         self.pct_start = float(pct_start)
@@ -346,6 +358,35 @@ class Plateau:
             setattr(self, k, v)
 
 
+def mean_factor(schedule, total_steps: int, max_points: int = 10_000) -> float:
+    """The mean LR factor of ``schedule`` over a run of ``total_steps``, as a fraction of its peak.
+
+    What the LR finder needs to turn a constant-LR suggestion into a schedule's peak (see
+    :func:`lrfuse.lr_range.suggest`): 1.0 for a constant LR, about 0.5 for cosine to 0 (with or
+    without a short warm-up) and for one-cycle. Runs longer than ``max_points`` are sampled evenly.
+
+    Args:
+        schedule: any ``schedule(t) -> factor`` (a :class:`Schedule`, or a callable).
+        total_steps: the run's length in the schedule's unit (steps, or epochs).
+
+    Raises:
+        ValueError: if ``total_steps`` is not a whole number >= 1 or the schedule's factors are all 0
+            or not finite over the run.
+
+    Example:
+        >>> round(mean_factor(make_schedule("cosine", total_steps=1000, warmup_steps=100), 1000), 2)
+        0.5
+    """
+    total_steps = _length("total_steps", total_steps, 1)
+    n = min(total_steps, max_points)
+    values = [float(schedule(i * total_steps / n if n < total_steps else i)) for i in range(n)]
+    peak = max(values)
+    if not (0 < peak < math.inf) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"the schedule's factors must be finite, >= 0 and not all 0 over {total_steps} steps; "
+                         f"got a peak of {peak!r}")
+    return sum(values) / n / peak
+
+
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle")
 
 
@@ -375,6 +416,9 @@ def make_schedule(name: str, *, total_steps: int | None = None, warmup_steps: in
     name = name.lower().replace("_", "").replace("-", "")
     aliases = {"steplr": "step", "cosineannealing": "cosine", "multisteplr": "multistep", "exp": "exponential"}
     name = aliases.get(name, name)
+    if total_steps is not None:
+        total_steps = _length("total_steps", total_steps, 1)
+    warmup_steps = _length("warmup_steps", warmup_steps, 0)
     inner_steps = None if total_steps is None else total_steps - warmup_steps
     if name == "constant":
         inner: Schedule = Constant()

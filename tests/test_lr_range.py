@@ -105,3 +105,33 @@ def test_plot_to_file(tmp_path):
     result.plot(str(path))
     assert path.stat().st_size > 1000
     suggest([], []).plot(str(tmp_path / "empty.png"))  # no suggestion: still a plot
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_lr=math.inf), "max_lr must be a finite number > 0, got inf; pass e.g. max_lr=1.0"),
+    (dict(min_lr=math.nan), "min_lr must be a finite number > 0"),
+    (dict(bandwidth=-1), r"bandwidth must be in \(0, 0.5\]"),
+    (dict(bandwidth=5), r"bandwidth must be in \(0, 0.5\]"),
+    (dict(num_steps=2.5), "num_steps must be an integer >= 2"),
+    (dict(schedule_mean=0.0), r"schedule_mean must be in \(0, 1\]"),
+])
+def test_bad_arguments_name_the_argument_and_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match="range_test: " + match):
+        range_test(sigmoid_curve, **kwargs)
+
+
+def test_schedule_mean_makes_the_suggestion_the_peak():
+    lrs = lr_values(1e-6, 1.0, 100)
+    losses = [sigmoid_curve(lr) for lr in lrs]
+    constant = suggest(lrs, losses)
+    assert constant.schedule_mean == 1.0 and constant.constant_lr == constant.lr
+    # Warm-up + cosine averages half its peak: the peak with the same summed LR is twice the constant pick.
+    half = suggest(lrs, losses, schedule_mean=0.5)
+    assert half.constant_lr == constant.lr and half.lr == pytest.approx(2 * constant.lr)
+    assert half.low <= half.lr <= half.high and "peak" in half.summary()
+    assert half.suggest("auto").lr == half.lr  # another look at the curve keeps the schedule
+    assert half.suggest("auto", schedule_mean=1.0).lr == constant.lr
+    # A schedule far below its peak on average is capped where the smoothed loss stopped falling.
+    tiny = suggest(lrs, losses, schedule_mean=1e-4)
+    assert tiny.lr == pytest.approx(lrs[int(np.argmin(tiny.smoothed))])
+    assert tiny.lr < constant.lr / 1e-4

@@ -140,3 +140,34 @@ def test_plateau_nan_is_never_better():
     p = S.Plateau(patience=0)
     p.update(1.0)
     assert p.update(math.nan) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 2.5, -1, "10"])
+def test_lengths_must_be_whole_numbers(bad):
+    with pytest.raises(ValueError, match=f"total_steps must be a whole number of steps >= 1, got {bad!r}"):
+        S.make_schedule("cosine", total_steps=bad)
+    with pytest.raises(ValueError, match="total_steps must be a whole number"):
+        S.OneCycle(bad)
+    assert S.make_schedule("cosine", total_steps=10.0)(5) == pytest.approx(0.5)  # an integral float is a length
+
+
+def test_nan_rates_are_refused():
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0, got nan"):
+        S.Exponential(math.nan)
+    with pytest.raises(ValueError, match="warmup_steps must be a whole number"):
+        S.make_schedule("constant", warmup_steps=math.nan)
+
+
+def test_mean_factor():
+    assert S.mean_factor(S.Constant(), 7) == 1.0
+    assert S.mean_factor(S.make_schedule("cosine", total_steps=300, warmup_steps=30), 300) == pytest.approx(0.5)
+    assert S.mean_factor(S.make_schedule("onecycle", total_steps=300), 300) == pytest.approx(0.5, abs=0.01)
+    assert S.mean_factor(S.StepDecay(5, 0.5), 10) == pytest.approx(0.75)
+    # Relative to the peak: a schedule that never reaches factor 1 still averages to 1 when flat.
+    assert S.mean_factor(S.MultiStep([5], factors=[0.1, 0.1]), 10) == pytest.approx(1.0)
+    # Long runs are sampled evenly; the answer stays within the sampling error.
+    assert S.mean_factor(S.Cosine(1_000_000), 1_000_000) == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="not all 0"):
+        S.mean_factor(lambda t: 0.0, 10)
+    with pytest.raises(ValueError, match="total_steps must be a whole number"):
+        S.mean_factor(S.Constant(), 0)

@@ -28,21 +28,16 @@ from torch import Tensor
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 
+from lrfuse.groups import set_group_lr
 from lrfuse.lr_range import LRRangeResult, range_test
+
+__all__ = ["Snapshot", "rng_state", "set_group_lr", "set_rng_state", "sweep"]  # set_group_lr: moved to groups
 
 
 def _clone(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
     return copy.deepcopy(value)
-
-
-def set_group_lr(group: dict, lr: float) -> None:
-    """Set a group's LR, in place when it is a tensor (compiled steps and lrfuse read it there)."""
-    if isinstance(group["lr"], Tensor):
-        group["lr"].fill_(lr)
-    else:
-        group["lr"] = lr
 
 
 def rng_state() -> dict:
@@ -196,7 +191,7 @@ def _loss_of(output: Any) -> Tensor:
 
 def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int = 0, min_lr: float, max_lr: float,
           num_steps: int, mode: str, diverge_factor: float, method: str, bandwidth: float,
-          progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
+          schedule_mean: float = 1.0, progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
     """Run the range test on the trainer's optimizer ``optimizer_idx`` and restore everything.
 
     Every group's LR is ``lr * base[g] / reference`` during the sweep, where ``base`` are the
@@ -257,7 +252,7 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
 
         result = range_test(step, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode,
                             diverge_factor=diverge_factor, method=method, bandwidth=bandwidth,
-                            should_stop=lambda stop: strategy.reduce_boolean_decision(stop, all=False),
+                            schedule_mean=schedule_mean, should_stop=lambda stop: strategy.reduce_boolean_decision(stop, all=False),
                             progress=progress)
         result = strategy.broadcast(result)  # identical on every rank, whatever happened
     finally:

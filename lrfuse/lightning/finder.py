@@ -6,8 +6,10 @@ math in :mod:`lrfuse.lr_range`.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -15,8 +17,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import _TunerExitException
 from typing_extensions import override
 
-from lrfuse.lightning._sweep import rng_state, set_group_lr, set_rng_state, sweep
-from lrfuse.lr_range import METHODS, LRRangeResult
+from lrfuse.groups import peak_lr, set_group_lr
+from lrfuse.lightning._sweep import rng_state, set_rng_state, sweep
+from lrfuse.lightning.schedule import LRSchedule
+from lrfuse.lr_range import LRRangeResult, check_args
+from lrfuse.schedules import mean_factor
+
+ScheduleArg = Union[Literal["auto"], None, LRSchedule, Callable[[int], float]]
 
 __all__ = ["LRFinder", "apply_lr", "find_lr"]
 
@@ -25,11 +32,34 @@ _LR_ATTRS = ("lr", "learning_rate")
 # OneCycleLR's max_lr / min_lr) and per scheduler (base_lrs, the last LRs; CyclicLR's max_lrs).
 _GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
 _SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs")
+_peak_lr = peak_lr  # the name this module used before the helpers moved to lrfuse.groups
 
 
-def _peak_lr(group: dict) -> float:
-    """The LR a group's schedule is built from: OneCycleLR's max_lr, a scheduler's initial_lr, or lr."""
-    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg) -> tuple[float, str]:
+    """The mean LR factor (over its peak) of the schedule the suggestion will be used with, and what it is.
+
+    ``schedule`` is ``"auto"`` (the first :class:`LRSchedule` callback of ``trainer``, else a
+    constant LR), ``None`` (a constant LR), an :class:`LRSchedule` (over its ``total_steps``, else
+    the trainer's run), or any ``t -> factor`` (e.g. :func:`lrfuse.schedules.make_schedule`) over
+    ``trainer.estimated_stepping_batches`` steps.
+    An unknown run length (no ``max_steps`` / ``max_epochs``) gives 1.0 with a warning.
+    """
+    if schedule == "auto":
+        schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
+    if schedule is None:
+        return 1.0, "constant LR"
+    if isinstance(schedule, LRSchedule):
+        fn = schedule._build(trainer)
+        length = schedule._kwargs["total_steps"] or (
+            trainer.estimated_stepping_batches if schedule.interval == "step" else trainer.max_epochs)
+        name = f"LRSchedule({schedule.schedule!r})"
+    else:
+        fn, length, name = schedule, trainer.estimated_stepping_batches, repr(schedule)
+    if length is None or not math.isfinite(length) or length < 1:
+        rank_zero_warn(f"LRFinder: the run's length is unknown (set max_steps or max_epochs), so {name} cannot be "
+                       "averaged; suggesting for a constant LR")
+        return 1.0, "constant LR"
+    return mean_factor(fn, int(length)), name
 
 
 def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, reference: float | None = None,
@@ -104,6 +134,12 @@ class LRFinder(Callback):
     also when the sweep raises: training continues exactly as a run started at the applied LRs
     (tested bit for bit). Nothing is written to disk except the optional plot.
 
+    The suggestion knows the schedule it will be used with: with an :class:`LRSchedule` callback in
+    the same trainer (or ``schedule=``), it is the schedule's *peak* LR, the constant-LR pick
+    divided by the schedule's mean factor (:func:`lrfuse.schedules.mean_factor`: about 0.5 for
+    warm-up + cosine or one-cycle), so that the LRs summed over the run match; it never goes past
+    the LR where the range test's loss stopped falling (see :func:`lrfuse.lr_range.suggest`).
+
     The result is kept in :attr:`result` (an :class:`~lrfuse.lr_range.LRRangeResult`); when no
     suggestion can be made the LR is left alone and a warning says why. Under DDP the loss is
     averaged over ranks and every rank takes the same decisions. The sweep is skipped when fit
@@ -115,7 +151,10 @@ class LRFinder(Callback):
         mode: ``"exponential"`` (default) or ``"linear"`` spacing of the LRs.
         method: suggestion method: ``auto``, ``steepest``, ``valley`` or ``min10``.
         diverge_factor: stop when the smoothed loss exceeds this multiple of the best.
-        bandwidth: smoothing width, a fraction of the number of points.
+        bandwidth: smoothing width, a fraction of the number of points, in (0, 0.5].
+        schedule: the LR schedule the suggestion is the peak of: ``"auto"`` (default: the trainer's
+            :class:`LRSchedule` callback, else a constant LR), ``None`` (constant LR), an
+            :class:`LRSchedule`, or a ``t -> factor`` callable over the run's steps.
         apply: apply the suggestion to the optimizer and the model's LR attribute.
         attr_name: the model attribute / hparam that holds the LR (default: ``lr`` or ``learning_rate``).
         optimizer_idx: which optimizer to sweep.
@@ -135,18 +174,14 @@ class LRFinder(Callback):
     def __init__(self, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,
                  mode: Literal["exponential", "linear"] = "exponential",
                  method: Literal["auto", "steepest", "valley", "min10"] = "auto", diverge_factor: float = 4.0,
-                 bandwidth: float = 0.05, apply: bool = True, attr_name: str | None = None, optimizer_idx: int = 0,
+                 bandwidth: float = 0.05, schedule: ScheduleArg = "auto", apply: bool = True, attr_name: str | None = None, optimizer_idx: int = 0,
                  plot_path: str | None = None, verbose: bool = False) -> None:
-        if not 0 < min_lr < max_lr:
-            raise ValueError(f"LRFinder needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-        if num_steps < 2:
-            raise ValueError(f"LRFinder needs num_steps >= 2, got {num_steps}")
-        if mode not in ("exponential", "linear"):
-            raise ValueError(f"LRFinder mode must be 'exponential' or 'linear', got {mode!r}")
-        if method not in METHODS:
-            raise ValueError(f"LRFinder method must be one of {', '.join(METHODS)}, got {method!r}")
-        if diverge_factor <= 1:
-            raise ValueError(f"LRFinder diverge_factor must be > 1, got {diverge_factor}")
+        check_args("LRFinder", min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, method=method,
+                   diverge_factor=diverge_factor, bandwidth=bandwidth)
+        if not (schedule == "auto" or schedule is None or callable(schedule)):
+            raise ValueError(f"LRFinder: schedule must be 'auto', None, an LRSchedule or a t -> factor callable, got "
+                             f"{schedule!r}; pass e.g. schedule=lrfuse.schedules.make_schedule('cosine', total_steps=...)")
+        self.schedule = schedule
         self.min_lr, self.max_lr, self.num_steps, self.mode = min_lr, max_lr, num_steps, mode
         self.method, self.diverge_factor, self.bandwidth = method, diverge_factor, bandwidth
         self.apply, self.attr_name, self.optimizer_idx = apply, attr_name, optimizer_idx
@@ -178,11 +213,12 @@ class LRFinder(Callback):
             def progress(i: int, lr: float, loss: float) -> None:
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
+        mean, schedule_name = schedule_mean(trainer, self.schedule)
         try:
             result = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
                 num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
-                bandwidth=self.bandwidth, progress=progress)
+                bandwidth=self.bandwidth, schedule_mean=mean, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -192,7 +228,7 @@ class LRFinder(Callback):
         elif self.apply:
             places = apply_lr(trainer, pl_module, result.lr, None, self.attr_name, self.optimizer_idx)
             if self.verbose:
-                rank_zero_info(f"LRFinder: {result.summary()}; applied to {', '.join(places)}")
+                rank_zero_info(f"LRFinder: {result.summary()} ({schedule_name}); applied to {', '.join(places)}")
         if self.plot_path is not None and trainer.is_global_zero:
             self._plot(trainer, result)
         return result
@@ -226,7 +262,8 @@ class LRFinder(Callback):
         if self.result is None:
             return {}
         return {"lr": self.result.lr, "low": self.result.low, "high": self.result.high, "method": self.result.method,
-                "reason": self.result.reason}
+                "reason": self.result.reason, "schedule_mean": self.result.schedule_mean,
+                "constant_lr": self.result.constant_lr}
 
 
 def find_lr(trainer: pl.Trainer, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,

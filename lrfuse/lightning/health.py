@@ -8,13 +8,15 @@ Two signals, checked every ``every_n_steps`` optimizer steps:
 * the training loss (averaged over ranks): non-finite or rising well above its best means the LR
   is too high; flat while the updates are small means it is too low.
 
-The decision rules are the pure :class:`HealthRules`; the callback only measures and logs.
+The decision rules are the pure :class:`HealthRules` and :func:`loss_verdict` (a loss curve alone:
+too high / too low / ok, also used by LR search); the callback only measures, logs and keeps state.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -23,10 +25,57 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-__all__ = ["HealthRules", "LRHealthMonitor", "group_metric_names"]
+from lrfuse.groups import group_labels
+
+__all__ = ["HealthRules", "LRHealthMonitor", "group_keys", "group_metric_names", "loss_state", "loss_verdict"]
 
 OK, TOO_HIGH, TOO_LOW = "ok", "too_high", "too_low"
 _CODE = {OK: 0.0, TOO_HIGH: 1.0, TOO_LOW: -1.0}
+PREFIX = "lr_health"  # not Lightning's LearningRateMonitor's "lr-": both can log side by side
+HISTORY = 100  # update ratios kept per group (the rules read the last `patience`)
+
+
+def loss_state(losses: Sequence[float], best: float | None = None, diverge_factor: float = 2.0,
+               flat_tol: float = 1e-3, window: int = 8) -> str | None:
+    """``"diverging"``, ``"rising"``, ``"flat"`` or ``None`` (falling, or too little history).
+
+    Args:
+        losses: mean training losses, oldest first (the last ``window`` are read for flatness).
+        best: the best finite loss seen so far (default: the best of ``losses``).
+        diverge_factor: a last loss above ``best + (k - 1) * |best|`` is rising.
+        flat_tol: a relative fall across the last ``window`` losses below this is flat.
+    """
+    if not len(losses):
+        return None
+    if best is None:
+        best = min((v for v in losses if math.isfinite(v)), default=math.inf)
+    last = losses[-1]
+    if not math.isfinite(last):
+        return "diverging"
+    if last > best + (diverge_factor - 1) * abs(best):
+        return "rising"
+    if len(losses) >= window:
+        first = losses[-window]
+        if math.isfinite(first) and first - last <= flat_tol * max(abs(first), 1e-12):
+            return "flat"
+    return None
+
+
+def loss_verdict(losses: Sequence[float], diverge_factor: float = 2.0, flat_tol: float = 1e-3,
+                 window: int = 8) -> tuple[str, str]:
+    """``(verdict, why)`` of an LR from its loss curve alone: ``too_high`` (non-finite or risen well
+    above its best), ``too_low`` (flat over the last ``window`` points) or ``ok``.
+
+    Example:
+        >>> loss_verdict([2.3, 1.9, 1.5, float("nan")])
+        ('too_high', 'training loss diverging')
+    """
+    state = loss_state(losses, None, diverge_factor, flat_tol, window)
+    if state in ("diverging", "rising"):
+        return TOO_HIGH, f"training loss {state}"
+    if state == "flat":
+        return TOO_LOW, "training loss flat"
+    return OK, ""
 
 
 @dataclass
@@ -59,18 +108,14 @@ class HealthRules:
 
     def loss_state(self) -> str | None:
         """``"diverging"``, ``"rising"``, ``"flat"`` or ``None`` (falling, or too little history)."""
-        if not self._losses:
-            return None
-        last = self._losses[-1]
-        if not math.isfinite(last):
-            return "diverging"
-        if last > self._best + (self.diverge_factor - 1) * abs(self._best):
-            return "rising"
-        if len(self._losses) == self._losses.maxlen:
-            first = self._losses[0]
-            if math.isfinite(first) and first - last <= self.flat_tol * max(abs(first), 1e-12):
-                return "flat"
-        return None
+        return loss_state(list(self._losses), self._best, self.diverge_factor, self.flat_tol, self._losses.maxlen)
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self._losses), "best": self._best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._losses = deque(state["losses"], maxlen=self._losses.maxlen)
+        self._best = float(state["best"])
 
     def verdict(self, ratios: list[float]) -> tuple[str, str]:
         """``(status, why)`` of a group from its last ``patience`` ratios (most recent last)."""
@@ -91,10 +136,18 @@ def group_metric_names(optimizer: torch.optim.Optimizer, prefix: str = "lr", nam
     """Lightning's ``LearningRateMonitor`` names: ``lr-Adam`` for one group, ``lr-Adam/pg1``,
     ``lr-Adam/pg2`` ... for several, or ``lr-Adam/<name>`` when a group has a ``name``."""
     base = f"{prefix}-{name or type(optimizer).__name__}"
-    groups = optimizer.param_groups
-    if len(groups) == 1:
-        return [f"{base}/{groups[0]['name']}" if groups[0].get("name") else base]
-    return [f"{base}/{g['name']}" if g.get("name") else f"{base}/pg{i + 1}" for i, g in enumerate(groups)]
+    return [f"{base}/{label}" if label else base for label in group_labels(optimizer)]
+
+
+def group_keys(optimizers: Sequence[torch.optim.Optimizer]) -> list[list[str]]:
+    """The monitor's key of every group: ``FusedAdam`` (one group), ``FusedAdam/pg1`` or
+    ``FusedAdam/<name>``; with several optimizers the index follows the class, ``FusedAdam-0/pg1``,
+    ``FusedAdam-1/pg1``, so two optimizers of one class never share a key."""
+    keys = []
+    for i, opt in enumerate(optimizers):
+        base = type(opt).__name__ + (f"-{i}" if len(optimizers) > 1 else "")
+        keys.append([f"{base}/{label}" if label else base for label in group_labels(opt)])
+    return keys
 
 
 class LRHealthMonitor(Callback):
@@ -102,10 +155,14 @@ class LRHealthMonitor(Callback):
 
     Every ``every_n_steps`` optimizer steps it measures each group's update-to-weight ratio and the
     training loss (mean over ranks), applies :class:`HealthRules`, logs to every logger
-    ``lr-FusedAdam/pg1`` (the LR), ``update_ratio-FusedAdam/pg1`` and ``lr_health-FusedAdam/pg1``
-    (+1 too high, 0 ok, -1 too low), and warns once each time a group's verdict turns bad.
-    The verdicts are in :attr:`status` (metric name of the group -> ``ok`` / ``too_high`` /
-    ``too_low``) and :attr:`reasons`.
+    ``lr_health/<key>/lr``, ``lr_health/<key>/update_ratio`` and ``lr_health/<key>/verdict``
+    (+1 too high, 0 ok, -1 too low), and warns once each time a group's verdict turns bad. ``key``
+    is the group's (:func:`group_keys`): ``FusedAdam/pg1``, or ``FusedAdam-1/pg1`` with several
+    optimizers; the ``lr_health/`` prefix keeps these apart from Lightning's ``LearningRateMonitor``
+    (``lr-FusedAdam/pg1``). The verdicts are in :attr:`status` (key -> ``ok`` / ``too_high`` /
+    ``too_low``) and :attr:`reasons`; :attr:`ratios` keeps each group's last 100 update ratios.
+    Verdicts, ratios and the loss history are saved in checkpoints (``state_dict``), so a resumed
+    run judges as the uninterrupted one would.
 
     Args:
         every_n_steps: check period in optimizer steps (the check copies each group's weights once).
@@ -126,15 +183,28 @@ class LRHealthMonitor(Callback):
             raise ValueError(f"LRHealthMonitor: every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.warn = every_n_steps, warn
         self.rules = HealthRules(high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience)
+        self._history = max(HISTORY, patience)
         self.status: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
-        self.ratios: dict[str, list[float]] = {}
+        self.ratios: dict[str, deque[float]] = {}
         self._before: list[list[list[torch.Tensor]]] | None = None
         self._loss_sum, self._loss_count = 0.0, 0
         self._snap_step = -1
 
-    def _names(self, trainer: pl.Trainer) -> list[list[str]]:
-        return [group_metric_names(opt) for opt in trainer.optimizers]
+    @override
+    def state_dict(self) -> dict:
+        # The loss summed since the last check too: a check after resuming averages what the
+        # uninterrupted run's would.
+        return {"status": dict(self.status), "reasons": dict(self.reasons),
+                "ratios": {k: list(v) for k, v in self.ratios.items()}, "rules": self.rules.state_dict(),
+                "loss_sum": float(self._loss_sum), "loss_count": self._loss_count}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.status, self.reasons = dict(state_dict["status"]), dict(state_dict["reasons"])
+        self.ratios = {k: deque(v, maxlen=self._history) for k, v in state_dict["ratios"].items()}
+        self.rules.load_state_dict(state_dict["rules"])
+        self._loss_sum, self._loss_count = state_dict["loss_sum"], state_dict["loss_count"]
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -162,21 +232,21 @@ class LRHealthMonitor(Callback):
         mean = float(trainer.strategy.reduce(mean, reduce_op="mean"))
         self._loss_sum, self._loss_count = 0.0, 0
         self.rules.add_loss(mean)
-        for opt, names, saved in zip(trainer.optimizers, self._names(trainer), before):
-            for group, name, old in zip(opt.param_groups, names, saved):
+        for opt, keys, saved in zip(trainer.optimizers, group_keys(trainer.optimizers), before):
+            for group, key, old in zip(opt.param_groups, keys, saved):
                 new = [p for p in group["params"] if p.grad is not None]
                 ratio = _update_ratio(old, new)
-                key = name.removeprefix("lr-")
-                self.ratios.setdefault(name, []).append(ratio)
-                status, why = self.rules.verdict(self.ratios[name])
-                if status != OK and self.status.get(name) != status and self.warn:
+                ratios = self.ratios.setdefault(key, deque(maxlen=self._history))
+                ratios.append(ratio)
+                status, why = self.rules.verdict(list(ratios))
+                if status != OK and self.status.get(key) != status and self.warn:
                     advice = "lower it (LRFinder suggests one)" if status == TOO_HIGH else "raise it (LRFinder suggests one)"
-                    rank_zero_warn(f"LRHealthMonitor: the learning rate of {name} ({float(group['lr']):.3g}) looks "
+                    rank_zero_warn(f"LRHealthMonitor: the learning rate of {key} ({float(group['lr']):.3g}) looks "
                                    f"{status.replace('_', ' ')}: {why}; {advice}")
-                self.status[name], self.reasons[name] = status, why
-                stats[name] = float(group["lr"])
-                stats[f"update_ratio-{key}"] = ratio
-                stats[f"lr_health-{key}"] = _CODE[status]
+                self.status[key], self.reasons[key] = status, why
+                stats[f"{PREFIX}/{key}/lr"] = float(group["lr"])
+                stats[f"{PREFIX}/{key}/update_ratio"] = ratio
+                stats[f"{PREFIX}/{key}/verdict"] = _CODE[status]
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
 

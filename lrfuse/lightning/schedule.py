@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lrfuse import schedules
-from lrfuse.lightning._sweep import set_group_lr
+from lrfuse.groups import set_group_lr
 
 __all__ = ["LRSchedule"]
 
@@ -154,9 +154,18 @@ class LRSchedule(Callback):
         if self.interval == "epoch":
             self._apply(trainer, trainer.current_epoch)
 
-    def _plateau_update(self, trainer: pl.Trainer) -> None:
+    def _plateau_update(self, trainer: pl.Trainer, when_missing: str = "complain") -> None:
+        # One collective, entered by every rank whatever it logged: (present, value) summed over
+        # ranks. Deciding on presence rank by rank before a reduce hangs DDP when ranks disagree.
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        device = trainer.strategy.root_device
+        local = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        if value is not None:
+            local[0], local[1] = 1.0, float(value)
+        present, total = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        if present == 0:
+            if when_missing == "wait":
+                return
             available = ", ".join(sorted(trainer.callback_metrics)) or "none yet"
             message = (f"LRSchedule(schedule='plateau') monitors {self.monitor!r}, which is not available. "
                        f"Pass monitor= one of the logged metrics ({available}), or log it with self.log.")
@@ -166,15 +175,12 @@ class LRSchedule(Callback):
                 rank_zero_warn(message + " Waiting for it (strict=False).")
                 self._warned_missing = True
             return
-        # Every rank sees the same synced metric when it is logged with sync_dist; keep the
-        # decision identical anyway.
-        value = torch.as_tensor(value, dtype=torch.float32, device=trainer.strategy.root_device).clone()
-        self.plateau.update(float(trainer.strategy.reduce(value, reduce_op="mean")))
+        self.plateau.update(total / present)  # the mean over the ranks that have it: the same everywhere
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.plateau is not None and self.interval == "step" and self.monitor in trainer.callback_metrics:
-            self._plateau_update(trainer)
+        if self.plateau is not None and self.interval == "step":
+            self._plateau_update(trainer, when_missing="wait")  # training metrics may start late
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

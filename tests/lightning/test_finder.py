@@ -309,3 +309,50 @@ def test_suggestion_survives_one_cycle_lr(tmp_path):
     assert len(trace.lrs) == len(plain.lrs) == 10
     for mine, theirs in zip(trace.lrs, plain.lrs):
         assert mine == pytest.approx(theirs, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_lr=float("inf")), "LRFinder: max_lr must be a finite number > 0, got inf; pass e.g. max_lr=1.0"),
+    (dict(bandwidth=-1), r"LRFinder: bandwidth must be in \(0, 0.5\]"),
+    (dict(bandwidth=5), r"LRFinder: bandwidth must be in \(0, 0.5\]"),
+    (dict(diverge_factor=1.0), "LRFinder: diverge_factor must be a finite number > 1"),
+    (dict(schedule="cosine"), "LRFinder: schedule must be 'auto', None, an LRSchedule"),
+])
+def test_bad_arguments_name_the_argument_and_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LRFinder(**kwargs)
+
+
+class LRs(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+
+def test_suggestion_is_the_peak_of_the_trainers_schedule(tmp_path):
+    from lrfuse.lightning import LRSchedule
+    from lrfuse.schedules import make_schedule, mean_factor
+
+    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40)
+    pl.seed_everything(0)
+    blind = find_lr(quiet_trainer(tmp_path, max_steps=40), Tiny(), datamodule=TinyData(), **sweep)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, max_steps=40, callbacks=[LRSchedule("cosine", warmup_steps=4)])
+    aware = find_lr(trainer, Tiny(), datamodule=TinyData(), **sweep)
+    mean = mean_factor(make_schedule("cosine", total_steps=40, warmup_steps=4), 40)
+    assert aware.lrs == blind.lrs and aware.losses == blind.losses  # the same sweep, read for the schedule
+    assert aware.schedule_mean == pytest.approx(mean) and blind.schedule_mean == 1.0
+    assert aware.constant_lr == blind.lr and blind.lr < aware.lr <= blind.lr / mean
+    pl.seed_everything(0)
+    off = find_lr(quiet_trainer(tmp_path, max_steps=40, callbacks=[LRSchedule("cosine", warmup_steps=4)]), Tiny(),
+                  datamodule=TinyData(), schedule=None, **sweep)
+    assert off.lr == blind.lr  # schedule=None: a constant LR whatever the trainer holds
+
+    # In fit: the LRSchedule callback starts from the applied suggestion, which becomes its peak.
+    pl.seed_everything(0)
+    finder, lrs = LRFinder(**sweep), LRs()
+    fit_trainer = quiet_trainer(tmp_path, max_steps=40, callbacks=[finder, LRSchedule("cosine", warmup_steps=4), lrs])
+    fit_trainer.fit(Tiny(), datamodule=TinyData())
+    assert finder.result.lr == pytest.approx(aware.lr) and max(lrs.lrs) == pytest.approx(aware.lr)

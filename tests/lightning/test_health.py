@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import Tiny, TinyData, quiet_trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader
+
+import lrfuse
 
 from lrfuse.lightning import LRHealthMonitor
-from lrfuse.lightning.health import HealthRules, group_metric_names
+from lrfuse.lightning.health import HISTORY, HealthRules, group_keys, group_metric_names, loss_verdict
 
 
 class MemoryLogger(Logger):
@@ -43,23 +49,23 @@ def run(tmp_path, model, steps=30, **kwargs):
 
 def test_healthy_lr_is_ok_and_logged_per_group(tmp_path):
     monitor, logger = run(tmp_path, Tiny(lr=1e-2, groups=True))
-    assert set(monitor.status) == {"lr-FusedAdam/body", "lr-FusedAdam/head"}
+    assert set(monitor.status) == {"FusedAdam/body", "FusedAdam/head"}
     assert set(monitor.status.values()) == {"ok"}, monitor.reasons
     keys = set().union(*(row for _, row in logger.rows))
-    assert {"lr-FusedAdam/head", "update_ratio-FusedAdam/head", "lr_health-FusedAdam/body"} <= keys
-    assert all(1e-5 < r < 0.1 for r in monitor.ratios["lr-FusedAdam/head"])
+    assert {"lr_health/FusedAdam/head/lr", "lr_health/FusedAdam/head/update_ratio", "lr_health/FusedAdam/body/verdict"} <= keys
+    assert all(1e-5 < r < 0.1 for r in monitor.ratios["FusedAdam/head"])
 
 
 def test_too_high_is_flagged(tmp_path):
     with pytest.warns(UserWarning, match="looks too high"):
         monitor, _ = run(tmp_path, Tiny(lr=5.0))
-    assert monitor.status["lr-FusedAdam"] == "too_high"
+    assert monitor.status["FusedAdam"] == "too_high"
 
 
 def test_too_low_is_flagged(tmp_path):
     with pytest.warns(UserWarning, match="looks too low"):
         monitor, _ = run(tmp_path, Tiny(lr=1e-9))
-    assert monitor.status["lr-FusedAdam"] == "too_low"
+    assert monitor.status["FusedAdam"] == "too_low"
 
 
 def test_names_follow_lightning():
@@ -88,3 +94,80 @@ def test_rules():
 def test_argument_error():
     with pytest.raises(ValueError, match="every_n_steps"):
         LRHealthMonitor(every_n_steps=0)
+
+
+def test_ratio_history_is_bounded(tmp_path):
+    monitor = LRHealthMonitor(every_n_steps=1, warn=False)
+    quiet_trainer(tmp_path, max_steps=HISTORY + 20, callbacks=[monitor]).fit(Tiny(lr=1e-2), datamodule=TinyData())
+    assert len(monitor.ratios["FusedAdam"]) == HISTORY
+
+
+class TwoAdams(Tiny):
+    """Two optimizers of one class (body, head): manual optimization, as Lightning asks for several."""
+
+    def __init__(self):
+        super().__init__(lr=1e-2)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [lrfuse.FusedAdam(self.body.parameters(), lr=self.lr), lrfuse.FusedAdam(self.head.parameters(), lr=self.lr)]
+
+
+def test_names_apart_from_learning_rate_monitor_and_per_optimizer(tmp_path):
+    monitor, logger = LRHealthMonitor(every_n_steps=2), MemoryLogger()
+    trainer = quiet_trainer(tmp_path, max_steps=12, logger=logger, callbacks=[monitor, LearningRateMonitor()])
+    trainer.fit(TwoAdams(), datamodule=TinyData())
+    assert set(monitor.status) == {"FusedAdam-0", "FusedAdam-1"}
+    keys = set().union(*(row for _, row in logger.rows))
+    ours = {k for k in keys if k.startswith("lr_health/")}
+    assert {"lr_health/FusedAdam-0/lr", "lr_health/FusedAdam-1/update_ratio", "lr_health/FusedAdam-1/verdict"} <= ours
+    assert {"lr-FusedAdam", "lr-FusedAdam-1"} <= keys - ours  # Lightning's own, untouched
+
+
+def test_group_keys():
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    two = torch.optim.SGD([{"params": [p]}, {"params": [q], "name": "head"}], lr=1)
+    assert group_keys([two]) == [["SGD/pg1", "SGD/head"]]
+    assert group_keys([torch.optim.Adam([p]), torch.optim.Adam([q])]) == [["Adam-0"], ["Adam-1"]]
+
+
+class InOrder(TinyData):
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size)
+
+
+def _fit(tmp_path, epochs, ckpt_path=None):
+    pl.seed_everything(0, verbose=False)
+    monitor = LRHealthMonitor(every_n_steps=3)  # checks straddle the epoch (8 steps) boundary
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, limit_val_batches=0, callbacks=[monitor])
+    trainer.fit(Tiny(lr=1e-2, groups=True), datamodule=InOrder(), ckpt_path=ckpt_path)
+    return monitor, trainer
+
+
+def test_state_resumes_from_a_checkpoint(tmp_path):
+    full, _ = _fit(tmp_path / "full", 3)
+    first, trainer = _fit(tmp_path / "first", 1)
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, _ = _fit(tmp_path / "resumed", 3, ckpt_path=str(ckpt))
+    assert len(full.ratios["FusedAdam/body"]) == 8  # checks at steps 0, 3, ... 21
+    assert resumed.ratios == full.ratios and resumed.status == full.status  # the first epoch's checks too
+    assert resumed.rules.state_dict() == full.rules.state_dict()
+    assert resumed.state_dict() == full.state_dict()
+
+
+def test_loss_verdict():
+    assert loss_verdict([2.3, 1.9, 1.5, float("nan")]) == ("too_high", "training loss diverging")
+    assert loss_verdict([2.3, 1.0, 2.5])[0] == "too_high"
+    assert loss_verdict([2.3] * 8) == ("too_low", "training loss flat")
+    assert loss_verdict([2.3, 2.0, 1.7, 1.5, 1.3, 1.2, 1.1, 1.0]) == ("ok", "")

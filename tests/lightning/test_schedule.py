@@ -121,3 +121,8 @@ def test_errors_at_construction(kwargs, match):
 def test_cosine_needs_a_length(tmp_path):
     with pytest.raises(ValueError, match="pass total_steps"):
         fit(tmp_path, LRSchedule("cosine"), max_steps=-1, max_epochs=-1, max_time="00:00:00:01")
+
+
+def test_nan_total_steps_is_refused_at_construction():
+    with pytest.raises(ValueError, match="total_steps must be a whole number of steps >= 1, got nan; pass an int"):
+        LRSchedule("cosine", total_steps=float("nan"))
