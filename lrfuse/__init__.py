@@ -4,7 +4,7 @@ from lrfuse.optim import FusedAdam, FusedAdamW, FusedRMSprop
 
 __all__ = [
     "FusedAdam", "FusedAdamW", "FusedRMSprop",
-    "LRFinder", "LRHealthMonitor", "LRSchedule", "find_lr",
+    "LRFinder", "LRHealthMonitor", "LRSchedule", "find_lr", "search_lr",
     "discriminative_groups", "layerwise_groups",
 ]
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LRFinder": "lrfuse.lightning.finder",
     "find_lr": "lrfuse.lightning.finder",
+    "search_lr": "lrfuse.lightning.search",  # Ray itself is imported only when a search starts
     "LRSchedule": "lrfuse.lightning.schedule",
     "LRHealthMonitor": "lrfuse.lightning.health",
     "layerwise_groups": "lrfuse.groups",

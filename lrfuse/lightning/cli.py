@@ -5,7 +5,12 @@
     works (``--optimizer lrfuse.FusedAdam --optimizer.lr 3e-3``,
     ``--trainer.callbacks+=lrfuse.LRSchedule --trainer.callbacks.schedule=cosine``, ``--config x.yaml``).
 ``lrfuse find``
-    run the LR range test on the demo, print the suggestion and range, write the plot.
+    the LR range test on the model and data of the same flags and YAML as ``lrfuse fit``
+    (``--model my_pkg.MyModule``, ``--config x.yaml``, ``--trainer.precision 16-mixed`` ...): prints
+    the suggestion, the plausible range and the ``lrfuse fit`` flags to train with it; writes the plot.
+``lrfuse search``
+    LR search on Ray Tune (:func:`lrfuse.search_lr`: grid, random, race, PBT) on the same flags:
+    prints every trial and the best LR, writes the plot and the config to train with.
 ``lrfuse demo``
     find the LR, train with it (FusedAdam, warm-up + cosine), print the suggestion, the final
     validation accuracy and the optimizer step time against ``torch.optim``.
@@ -21,30 +26,86 @@ import time
 
 __all__ = ["build_cli", "main"]
 
-USAGE = """usage: lrfuse {fit,validate,test,find,demo,bench} [options]
+USAGE = """usage: lrfuse {fit,validate,test,find,search,demo,bench} [options]
 
   fit|validate|test  LightningCLI with the digits demo as default model and data
-                     (lrfuse fit --help lists every flag)
-  find               LR range test on the demo: suggestion, range, plot
+                     (lrfuse fit --help lists every flag; --model my_pkg.MyModule for your own)
+  find               LR range test on the model and data of fit's flags / --config:
+                     suggestion, range, the flags to train with it, plot (lrfuse find --help)
+  search             LR search on Ray Tune, --method grid|random|race|pbt, same flags as fit
+                     (needs pip install "lrfuse[search]"; lrfuse search --help)
   demo               find the LR, train with it, report accuracy and optimizer step time
   bench              optimizer step benchmark against torch.optim (lrfuse bench --help)
 """
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, **kwargs):
-    """The ``lrfuse fit|validate|test`` LightningCLI: digits model and data by default.
+    """The LightningCLI of ``lrfuse fit|validate|test|find|search``: any LightningModule and
+    LightningDataModule (``--model my_pkg.MyModule``, ``--data ...``), the digits demo by default.
 
     Args:
         args: command-line arguments (as LightningCLI's ``args``), e.g. ``["fit", "--trainer.max_steps=5"]``.
         run: run the subcommand (``False``: only parse and instantiate; then ``args`` has no subcommand).
         kwargs: further LightningCLI arguments.
     """
+    import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    from lrfuse.lightning.demo import DigitsClassifier, DigitsDataModule
+    class _CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # Subclass mode with the demo as default: ``--model.hidden 32`` and YAML ``model: {hidden: 32}``
+            # still reach the demo, and ``--model my_pkg.MyModule`` swaps in the user's own.
+            parser.set_defaults({"model": {"class_path": "lrfuse.lightning.demo.DigitsClassifier"},
+                                 "data": {"class_path": "lrfuse.lightning.demo.DigitsDataModule"}})
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return LightningCLI(DigitsClassifier, DigitsDataModule, args=args, run=run, **kwargs)
+    return _CLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                args=args, run=run, **kwargs)
+
+
+def _split(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This command's own options, and the rest for LightningCLI (``--model.*``, ``--trainer.*``, ``--config``)."""
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        print("\nModel, data and trainer: the flags and YAML of `lrfuse fit` (lrfuse fit --help lists them).")
+        raise SystemExit(0)
+    args, rest = parser.parse_known_args(argv)
+    if not any(a.startswith("--seed_everything") for a in rest):
+        rest = [f"--seed_everything={args.seed}", *rest]  # reproducible by default, unlike fit's random seed
+    return args, rest
+
+
+def _lr_flag(cli) -> str | None:
+    """The flag that sets the LR in ``lrfuse fit``: the optimizer's when given, else the model's."""
+    if cli.config.get("optimizer") is not None:
+        return "optimizer.lr"
+    init_args = cli.config["model"].get("init_args") or {}
+    return next((f"model.{name}" for name in ("lr", "learning_rate") if name in init_args), None)
+
+
+def _train_with(cli, rest: list[str], lr: float) -> str:
+    flag = _lr_flag(cli)
+    if flag is None:
+        return (f"the model takes no lr / learning_rate argument: set its LR to {lr:.3g} "
+                "(group ratios as the model configures them)")
+    return "train with: lrfuse fit " + " ".join([*rest, f"--{flag}={lr:.3g}"])
+
+
+def _config_with_lr(cli, lr: float) -> str:
+    """The parsed config (model, data, trainer, optimizer) with the LR set: YAML for ``lrfuse fit --config``."""
+    config = cli.config.clone()
+    flag = _lr_flag(cli)
+    if flag == "optimizer.lr":
+        config["optimizer"]["init_args"]["lr"] = lr
+    elif flag is not None:
+        config["model"]["init_args"][flag.split(".", 1)[1]] = lr
+    return cli.parser.dump(config, skip_none=True)
+
+
+def _quiet_cli(rest: list[str]):
+    # No logger or checkpoints unless asked for: a range test or a search writes only its plot / Tune's folder.
+    return build_cli(args=rest, run=False, save_config_callback=None,
+                     trainer_defaults={"logger": False, "enable_checkpointing": False})
 
 
 def _quiet() -> None:
@@ -59,26 +120,98 @@ def _quiet() -> None:
 
 
 def _find(argv: list[str]) -> int:
-    from lrfuse.lightning.demo import FINDER, find
+    from lrfuse.lightning.demo import FINDER
+    from lrfuse.lightning.finder import find_lr
 
-    parser = argparse.ArgumentParser(prog="lrfuse find", description="LR range test on the digits demo")
+    parser = argparse.ArgumentParser(
+        prog="lrfuse find", allow_abbrev=False,
+        description="LR range test on the model and data of `lrfuse fit`'s flags or --config (default: the digits demo)")
     parser.add_argument("--min-lr", type=float, default=FINDER["min_lr"])
     parser.add_argument("--max-lr", type=float, default=FINDER["max_lr"])
     parser.add_argument("--num-steps", type=int, default=FINDER["num_steps"])
     parser.add_argument("--method", default="auto", choices=["auto", "steepest", "valley", "min10"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything, unless --seed_everything is given")
     parser.add_argument("--plot", default="lr_finder.png", help="where to write the plot ('' for none)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args, rest = _split(parser, argv)
     _quiet()
-    result, steps = find(seed=args.seed, plot_path=args.plot or None, progress=not args.no_progress,
-                         min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.num_steps, method=args.method)
-    print(result.summary() + f"  [{steps} steps{', stopped: ' + result.stopped if result.stopped else ''}]")
+    cli = _quiet_cli(rest)
+    result = find_lr(cli.trainer, cli.model, datamodule=cli.datamodule, min_lr=args.min_lr, max_lr=args.max_lr,
+                     num_steps=args.num_steps, method=args.method, plot_path=args.plot or None,
+                     verbose=not args.no_progress)
+    stopped = f", stopped: {result.stopped}" if result.stopped else ""
+    print(result.summary() + f"  [{len(result.lrs)} steps{stopped}]")
     if result.lr is not None:
         print("candidates: " + ", ".join(f"{k} {v:.3g}" for k, v in result.candidates.items() if v is not None))
+        print(_train_with(cli, rest, result.lr))
     if args.plot:
         print(f"plot: {args.plot}")
     return 0 if result.lr is not None else 1
+
+
+def _search(argv: list[str]) -> int:
+    from lrfuse.lightning.search import METHODS, _FORCED, search_lr
+
+    parser = argparse.ArgumentParser(
+        prog="lrfuse search", allow_abbrev=False,
+        description="LR search on Ray Tune on the model and data of `lrfuse fit`'s flags or --config "
+                    "(default: the digits demo); the range defaults to the LR finder's plausible range")
+    parser.add_argument("--method", default="race", choices=METHODS)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--min-lr", type=float, default=None, help="with --max-lr: the range (default: the finder's)")
+    parser.add_argument("--max-lr", type=float, default=None)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps of a trial (default: --trainer.max_steps if set, else 300)")
+    parser.add_argument("--eval-every", type=int, default=None, help="validation / report period (default max-steps/10)")
+    parser.add_argument("--metric", default="val_loss")
+    parser.add_argument("--mode", default="min", choices=["min", "max"])
+    parser.add_argument("--address", default=None, help="join this Ray cluster ('auto': the one this machine is in)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1)
+    parser.add_argument("--gpus-per-trial", type=float, default=0)
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--max-failures", type=int, default=1)
+    parser.add_argument("--storage-path", default=None, help="Tune's results and checkpoints (default ~/ray_results)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything, unless --seed_everything is given")
+    parser.add_argument("--plot", default="lr_search.png", help="where to write the plot ('' for none)")
+    parser.add_argument("--save-config", default="", help="write the config to train with here (YAML for lrfuse fit)")
+    parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (127.0.0.1)")
+    args, rest = _split(parser, argv)
+    _quiet()
+    cli = _quiet_cli(rest)
+    trainer = {k: v for k, v in cli.config_init["trainer"].as_dict().items()
+               if v is not None and k not in _FORCED and k not in ("max_steps", "val_check_interval", "default_root_dir")}
+    # The trainer's own default callbacks (progress bar, summary, checkpointing) are the search's to decide.
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+
+    trainer["callbacks"] = [cb for cb in trainer.get("callbacks") or []
+                            if not isinstance(cb, (ModelCheckpoint, ModelSummary, ProgressBar))]
+    for key in ("accelerator", "devices"):
+        if trainer.get(key) == "auto":
+            del trainer[key]  # search_lr picks from the per-trial resources
+    max_steps = args.max_steps or (cli.trainer.max_steps if cli.trainer.max_steps > 0 else 300)
+    result = search_lr(cli.model, cli.datamodule, method=args.method, trials=args.trials, min_lr=args.min_lr,
+                       max_lr=args.max_lr, max_steps=max_steps, eval_every=args.eval_every, metric=args.metric,
+                       mode=args.mode, trainer_kwargs=trainer, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
+                       gpus_per_trial=args.gpus_per_trial, address=args.address, num_cpus=args.num_cpus,
+                       include_dashboard=args.dashboard, storage_path=args.storage_path, name=args.name,
+                       max_failures=args.max_failures)
+    if result.finder is not None:
+        print(f"finder: {result.finder.summary()}")
+    print(result.table())
+    print(result.summary())
+    print(f"results: {result.path}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    if result.lr is None:
+        return 1
+    print(_train_with(cli, rest, result.lr))
+    if args.save_config:
+        with open(args.save_config, "w") as f:
+            f.write(_config_with_lr(cli, result.lr))
+        print(f"config: {args.save_config} (lrfuse fit --config {args.save_config})")
+    return 0
 
 
 def _fmt_s(seconds: float) -> str:
@@ -144,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "find":
         return _find(rest)
+    if command == "search":
+        return _search(rest)
     if command == "demo":
         return _demo(rest)
     if command == "bench":

@@ -1,0 +1,68 @@
+"""Starting or joining Ray for LR search, so that nothing leaves the machine unless asked.
+
+Ray is an optional dependency (``pip install "lrfuse[search]"``), imported only through
+:func:`import_ray`. Before Ray is imported, :func:`init` switches off Ray's usage statistics
+(``RAY_USAGE_STATS_ENABLED=0``: Ray would otherwise report to its maintainers). A local start
+(no ``address``) also sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray then takes the loopback
+address as the node's IP, and its services (GCS, raylet, workers, agents) listen on 127.0.0.1
+only, where on Linux they would listen on every interface. The dashboard is off unless asked for,
+and bound to 127.0.0.1 when on. Joining a cluster (``address=``) leaves the node IP to Ray, since
+the nodes must reach each other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+__all__ = ["import_ray", "init"]
+
+_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray():
+    """Import Ray with Tune, or raise an ImportError that says how to install it."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        import ray
+        import ray.tune  # noqa: F401  (ray without the [tune] extra lacks its dependencies)
+    except ImportError as error:
+        raise ImportError(f'LR search needs Ray Tune, which is not installed ({error}): pip install "lrfuse[search]"'
+                          ) from error
+    return ray
+
+
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+         include_dashboard: bool = False, **kwargs) -> bool:
+    """Start a local Ray on this machine, or join the cluster at ``address`` (``"auto"``: the one
+    this machine belongs to); do nothing when Ray is already initialised in this process.
+
+    Args:
+        address: ``None`` for a local Ray; else a cluster address as ``ray.init`` takes it.
+        num_cpus, num_gpus: resources of a local Ray (default: what the machine has).
+        include_dashboard: start Ray's dashboard (on 127.0.0.1).
+        kwargs: further ``ray.init`` arguments.
+
+    Returns:
+        Whether this call started or joined Ray (then the caller shuts it down afterwards).
+    """
+    if address is None:
+        if "ray" in sys.modules and os.environ.get(_LOCAL_ONLY) != "0":
+            warnings.warn("lrfuse: Ray was imported before lrfuse started it, so its services may listen on every "
+                          f"interface; set {_LOCAL_ONLY}=0 before importing ray (or let lrfuse import it) to keep "
+                          "them on 127.0.0.1", stacklevel=3)
+        os.environ.setdefault(_LOCAL_ONLY, "0")
+    # Tune warns whenever checkpoints come faster than every 5 s, which a small model's do.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    kwargs.setdefault("log_to_driver", False)  # trials report through Tune; their logs stay in the session dir
+    kwargs.setdefault("configure_logging", False)
+    if address is None:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                 dashboard_host="127.0.0.1", **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    return True

@@ -1,0 +1,696 @@
+"""LR search on Ray Tune: :func:`search_lr` with ``method="grid" | "random" | "race" | "pbt"``.
+
+Each trial trains the user's LightningModule with a real ``Trainer`` at one learning rate: the
+optimizer the model configures is scaled by ``lr / peak`` with :func:`lrfuse.lightning.finder.apply_lr`
+(every group, so the ratios between groups stay). The trial's ``_TrialReporter`` callback reports the
+validation metric to Tune at every validation (every ``eval_every`` steps) with a checkpoint written
+through Tune's storage, so PBT can copy weights and a failed trial resumes (``max_failures``). A
+non-finite training loss stops the trial and is reported as diverged; the search goes on.
+
+- ``grid``: ``trials`` LRs log-spaced over the range, each trained for the whole budget.
+- ``random``: ``trials`` LRs drawn log-uniformly (seeded), each trained for the whole budget.
+- ``race``: the grid's LRs race in lockstep: at each rung (``grace_period`` reports, then times
+  ``reduction_factor``) every trial still in the race has reported, the best ``1 / reduction_factor``
+  by validation metric go on and the others stop (successive halving, :class:`_Race`). Comparing
+  at the same step from the same start is what makes it the "fastest learning rate" method;
+  Tune's asynchronous ASHA would compare trials against whoever reached a rung first.
+- ``pbt``: a population of ``trials`` (random LRs); at every ``perturbation_interval`` reports the
+  worst quarter copies the weights of the best quarter and perturbs its LR (Tune's PBT).
+
+Every trial starts from the same initial weights and the same data order (the model instance is
+shipped once, or the factory is called after seeding; the RNG is seeded before fit). Each trial
+reports a checksum of its initial weights and of the batches of its first evaluation interval, so
+this is checked, not assumed. The range defaults to the plausible range of the LR finder, run
+first (:func:`lrfuse.lightning.finder.find_lr`). Verdicts (too high / too low / ok) come from an
+:class:`~lrfuse.lightning.health.LRHealthMonitor` attached to every trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lrfuse.lightning.finder import apply_lr, find_lr
+from lrfuse.lightning.health import LRHealthMonitor, OK, TOO_HIGH, TOO_LOW
+
+__all__ = ["METHODS", "LRSearchResult", "TrialRecord", "search_lr"]
+
+METHODS = ("grid", "random", "race", "pbt")
+_CKPT = "model.ckpt"
+# Trainer arguments the search decides for every trial (budget, evaluation period, no own
+# checkpoints or loggers: Tune keeps both).
+_FORCED = dict(enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0, check_val_every_n_epoch=None, max_epochs=-1, max_time=None)
+
+
+# ----------------------------------------------------------------------------- one trial
+
+def _digest(obj: Any, h) -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _digest(item, h)
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            _digest(obj[key], h)
+    else:
+        h.update(repr(obj).encode())
+
+
+def checksum(obj: Any) -> str:
+    """A short sha256 of tensors (bit for bit), nested lists / tuples / dicts of them, or reprs."""
+    h = hashlib.sha256()
+    _digest(obj, h)
+    return h.hexdigest()[:16]
+
+
+class _TrialReporter(Callback):
+    """Applies the trial's LR, reports to Tune at every validation, stops on a non-finite loss."""
+
+    def __init__(self, lr: float, metric: str, mode: str, eval_every: int, monitor: LRHealthMonitor) -> None:
+        self.lr, self.metric, self.mode, self.eval_every, self.monitor = lr, metric, mode, eval_every, monitor
+        self.init_checksum: str | None = None
+        self._data_hash = hashlib.sha256()
+        self.data_checksum: str | None = None
+        self.starts = 0
+        self.start_step = 0
+        self.group_lrs: list[float] = []
+        self.train_loss = math.nan
+        self.diverged = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint is restored (on_fit_start comes before it): a resumed PBT trial gets
+        # its new LR here, over the donor's.
+        apply_lr(trainer, pl_module, self.lr)
+        self.group_lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
+        self.starts += 1
+        self.start_step = trainer.global_step
+        if trainer.global_step == 0:
+            self.init_checksum = checksum([p for p in pl_module.parameters()])
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.data_checksum is None and trainer.global_step < self.eval_every:
+            _digest(batch, self._data_hash)  # the data order up to the first report
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        self.train_loss = float(loss.detach())
+        if not math.isfinite(self.train_loss):
+            self.diverged = True
+            trainer.should_stop = True
+            self._report(trainer, math.inf if self.mode == "min" else -math.inf, checkpoint=False)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.diverged:
+            return
+        metrics = trainer.callback_metrics
+        if self.metric not in metrics:
+            raise KeyError(f"search_lr(metric={self.metric!r}): the model logs no such metric in validation "
+                           f"(logged: {', '.join(sorted(metrics)) or 'nothing'}); pass metric= one of them, "
+                           "or self.log it in validation_step")
+        value = float(metrics[self.metric])
+        if not math.isfinite(value):
+            value = math.inf if self.mode == "min" else -math.inf
+        self._report(trainer, value, checkpoint=True)
+
+    def _verdict(self) -> tuple[str, str]:
+        """The worst verdict over the groups, as LRHealthMonitor gave it."""
+        if self.diverged:
+            return TOO_HIGH, f"non-finite training loss ({self.train_loss})"
+        status = dict(self.monitor.status)
+        for verdict in (TOO_HIGH, TOO_LOW):
+            names = [n for n, s in status.items() if s == verdict]
+            if names:
+                return verdict, self.monitor.reasons.get(names[0], "")
+        return OK, ""
+
+    def _report(self, trainer: pl.Trainer, value: float, checkpoint: bool) -> None:
+        from ray import tune
+
+        if self.data_checksum is None and (trainer.global_step >= self.eval_every or self.diverged):
+            self.data_checksum = self._data_hash.hexdigest()[:16]
+        verdict, why = self._verdict()
+        optimizer = trainer.optimizers[0]
+        result = {self.metric: value, "step": trainer.global_step, "lr": max(float(g["lr"]) for g in optimizer.param_groups),
+                  "group_lrs": self.group_lrs, "train_loss": self.train_loss, "verdict": verdict, "why": why,
+                  "diverged": self.diverged, "init_checksum": self.init_checksum,
+                  "data_checksum": self.data_checksum, "starts": self.starts, "start_step": self.start_step,
+                  "node_id": _node_id()}
+        if not checkpoint:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(os.path.join(folder, _CKPT))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    @override
+    def state_dict(self) -> dict:
+        return {"init_checksum": self.init_checksum, "data_checksum": self.data_checksum, "starts": self.starts}
+
+    @override
+    def load_state_dict(self, state: dict) -> None:
+        self.init_checksum, self.data_checksum = state["init_checksum"], state["data_checksum"]
+        self.starts = state["starts"]
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class _Payload:
+    """What every trial receives (shipped once through Ray's object store)."""
+
+    model: Any  # a LightningModule, or a callable that returns one
+    datamodule: Any
+    trainer_kwargs: dict
+    metric: str
+    mode: str
+    seed: int
+    threads: int
+    eval_every: int
+    max_steps: int
+    health_every: int
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+
+
+def _trial(config: dict, payload: _Payload) -> None:
+    """One Tune trial: a fresh Trainer at ``config["lr"]``, resumed from Tune's checkpoint if any."""
+    from ray import tune
+
+    _quiet()
+    torch.set_num_threads(payload.threads)
+    pl.seed_everything(payload.seed, workers=True, verbose=False)  # the same data order in every trial
+    if isinstance(payload.model, pl.LightningModule):
+        model = copy.deepcopy(payload.model)  # the trial's own copy; every trial starts from the same weights
+    else:
+        model = payload.model()
+        if not isinstance(model, pl.LightningModule):
+            raise TypeError(f"search_lr: the model factory returned {type(model).__name__}, not a LightningModule")
+    datamodule = copy.deepcopy(payload.datamodule)
+    monitor = LRHealthMonitor(every_n_steps=payload.health_every, warn=False)
+    reporter = _TrialReporter(float(config["lr"]), payload.metric, payload.mode, payload.eval_every, monitor)
+    kwargs = dict(payload.trainer_kwargs)
+    callbacks = [copy.deepcopy(cb) for cb in kwargs.pop("callbacks", None) or []]
+    # The reporter first: it applies the LR before a schedule callback reads the groups' LRs.
+    trainer = pl.Trainer(**kwargs, callbacks=[reporter, *callbacks, monitor], max_steps=payload.max_steps,
+                         val_check_interval=payload.eval_every, default_root_dir=tempfile.mkdtemp(prefix="lrfuse-trial-"),
+                         **_FORCED)
+    ckpt_path = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        ckpt_path = os.path.join(checkpoint.to_directory(), _CKPT)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class TrialRecord:
+    """One trial of a search.
+
+    Attributes:
+        lr: the trial's LR (the peak of the group with the largest LR); under PBT, its last one.
+        group_lrs: every parameter group's LR in the trial (ratios as the model configures them).
+        value: the last reported validation metric (``inf`` / ``-inf`` if it diverged, NaN if none).
+        steps: training steps done.
+        seconds: wall time of the trial.
+        stop: why it stopped: ``budget``, ``race (behind at step N)``, ``diverged (step N)``, ``failed: ...``.
+        verdict, why: ``too_high`` / ``too_low`` / ``ok`` and the reason, from LRHealthMonitor's rules.
+        history: ``(step, value, train_loss, lr)`` at every report.
+        init_checksum, data_checksum: checksums of the initial weights and of the first evaluation
+            interval's batches (equal across trials of a grid or race).
+        starts: how many times the trial started (more than 1: resumed after a failure or PBT exploit).
+        node_id: the Ray node of its last report.
+    """
+
+    lr: float
+    group_lrs: list[float]
+    value: float
+    steps: int
+    seconds: float
+    stop: str
+    verdict: str
+    why: str = ""
+    history: list[tuple[int, float, float, float]] = field(default_factory=list)
+    init_checksum: str | None = None
+    data_checksum: str | None = None
+    starts: int = 0
+    start_step: int = 0
+    node_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class LRSearchResult:
+    """What :func:`search_lr` found.
+
+    Attributes:
+        lr: the best trial's LR (peak group), or ``None`` if every trial failed or diverged.
+        group_lrs: the best trial's per-group LRs.
+        method, metric, mode: as searched.
+        low, high: the LR range searched.
+        trials: every trial, in the order of their LRs.
+        finder: the range test's result when it set the range, else ``None``.
+        budget_steps: training steps of a full trial.
+        path: Tune's experiment folder (checkpoints, per-trial results; ``Tuner.restore`` resumes it).
+        seconds: wall time of the whole search (the finder included).
+    """
+
+    lr: float | None
+    group_lrs: list[float]
+    method: str
+    metric: str
+    mode: str
+    low: float
+    high: float
+    trials: list[TrialRecord]
+    budget_steps: int
+    finder: Any = None
+    path: str | None = None
+    seconds: float = 0.0
+    lr_attr: str = "lr"
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return next((t for t in self.trials if t.lr == self.lr and self.lr is not None), None)
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps of all trials (the finder's excluded; see :attr:`finder`)."""
+        return sum(t.steps for t in self.trials)
+
+    def table(self) -> str:
+        """Every trial as a Markdown table, the best marked with ``*``."""
+        lines = [f"| | lr | group lrs | {self.metric} | steps | wall s | stopped | verdict |",
+                 "|---|--:|---|--:|--:|--:|---|---|"]
+        for t in self.trials:
+            groups = ", ".join(f"{v:.3g}" for v in t.group_lrs)
+            verdict = t.verdict.replace("_", " ") + (f" ({t.why})" if t.why else "")
+            lines.append(f"| {'*' if t is self.best else ''} | {t.lr:.3g} | {groups} | {t.value:.4g} | {t.steps} | "
+                         f"{t.seconds:.1f} | {t.stop} | {verdict} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: the best LR, its metric and what the search cost."""
+        if self.lr is None:
+            return f"{self.method} search: no trial finished without diverging or failing"
+        best = self.best
+        return (f"{self.method} search over {self.low:.3g} .. {self.high:.3g}: best lr {self.lr:.3g} "
+                f"({self.metric} {best.value:.4g}), {len(self.trials)} trials, {self.total_steps} steps, "
+                f"{self.seconds:.1f} s")
+
+    def config(self) -> dict:
+        """The config to train with: ``{"model": {"lr": ...}}`` for ``lrfuse fit --config``."""
+        return {"model": {self.lr_attr: self.lr}}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.config(), sort_keys=False)
+
+    def plot(self, path: str | None = None):
+        """Each trial's validation curve (left) and the final metric against the LR (right).
+
+        Needs matplotlib. Returns the figure; writes it to ``path`` if given.
+        """
+        try:
+            import matplotlib
+            if path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError("LRSearchResult.plot needs matplotlib: pip install matplotlib") from error
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        logs = [math.log10(t.lr) for t in self.trials] or [0.0]
+        lo, hi = min(logs), max(logs)
+        cmap = plt.get_cmap("viridis")
+        for t in self.trials:
+            finite = [(s, v) for s, v, _, _ in t.history if math.isfinite(v)]
+            color = cmap(0.5 if hi == lo else (math.log10(t.lr) - lo) / (hi - lo))
+            if finite:
+                left.plot(*zip(*finite), "-o", ms=3, color=color, lw=2.5 if t is self.best else 1,
+                          label=f"{t.lr:.2g}")
+        left.set_xlabel("step")
+        left.set_ylabel(self.metric)
+        left.set_title(f"{self.method}: {len(self.trials)} trials", fontsize=9)
+        if len(self.trials) <= 12:
+            left.legend(fontsize=7, title="lr", title_fontsize=7)
+        markers = {OK: "o", TOO_HIGH: "^", TOO_LOW: "v"}
+        for t in self.trials:
+            shown = t.value if math.isfinite(t.value) else np.nan
+            right.scatter([t.lr], [shown], marker=markers.get(t.verdict, "o"), color="tab:red" if t is self.best else "tab:blue")
+        if self.finder is not None and getattr(self.finder, "lr", None):
+            right.axvline(self.finder.lr, color="tab:gray", ls="--", label=f"finder {self.finder.lr:.2g}")
+        right.axvspan(self.low, self.high, color="tab:green", alpha=0.1, label="range searched")
+        right.set_xscale("log")
+        right.set_xlabel("learning rate (peak group)")
+        right.set_ylabel(f"last {self.metric}")
+        right.set_title("^ too high, v too low, o ok; red: best", fontsize=9)
+        right.legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _records(results, metric: str, mode: str, budget: int, method: str) -> list[TrialRecord]:
+    records = []
+    for result in results:
+        m = result.metrics or {}
+        df = result.metrics_dataframe
+        history = []
+        if df is not None and metric in df:
+            for row in df[["step", metric, "train_loss", "lr"]].itertuples(index=False):
+                history.append((int(row[0]), float(row[1]), float(row[2]), float(row[3])))
+        steps = int(m.get("step", 0))
+        if result.error is not None:
+            stop = f"failed: {type(result.error).__name__}"
+        elif m.get("diverged"):
+            stop = f"diverged (step {steps})"
+        elif steps >= budget:
+            stop = "budget"
+        elif method == "race":
+            stop = f"race (behind at step {steps})"
+        else:
+            stop = f"stopped at step {steps}"
+        worst = math.inf if mode == "min" else -math.inf
+        value = float(m.get(metric, math.nan)) if m else math.nan
+        records.append(TrialRecord(
+            lr=float(result.config["lr"]),  # under PBT the trial's last (Tune updates it on exploit)
+            group_lrs=list(m.get("group_lrs", [])), value=worst if m.get("diverged") else value, steps=steps,
+            seconds=float(m.get("time_total_s", 0.0)), stop=stop, verdict=m.get("verdict", TOO_HIGH if m.get("diverged") else ""),
+            why=m.get("why", ""), history=history, init_checksum=m.get("init_checksum"),
+            data_checksum=m.get("data_checksum"), starts=int(m.get("starts", 0)), start_step=int(m.get("start_step", 0)),
+            node_id=m.get("node_id"), error=None if result.error is None else str(result.error)))
+    records.sort(key=lambda t: t.lr)
+    return records
+
+
+def _pick(records: list[TrialRecord], mode: str, budget: int) -> TrialRecord | None:
+    """The best trial by its last metric, among those that used the whole budget where any did."""
+    usable = [t for t in records if t.error is None and math.isfinite(t.value)]
+    full = [t for t in usable if t.steps >= budget]
+    pool = full or usable
+    if not pool:
+        return None
+    return (min if mode == "min" else max)(pool, key=lambda t: t.value)
+
+
+# ----------------------------------------------------------------------------- the search
+
+def _lr_attr(model: Any) -> str:
+    hparams = getattr(model, "hparams", {}) or {}
+    for name in ("lr", "learning_rate"):
+        if name in hparams or name in vars(model):
+            return name
+    return "lr"
+
+
+def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], datamodule: pl.LightningDataModule,
+              method: str = "race", *, trials: int = 8, min_lr: float | None = None, max_lr: float | None = None,
+              max_steps: int = 300, eval_every: int | None = None, metric: str = "val_loss", mode: str = "min",
+              trainer_kwargs: dict | None = None, finder_kwargs: dict | None = None, seed: int = 0,
+              cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
+              address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
+              storage_path: str | None = None, name: str | None = None, max_failures: int = 1,
+              grace_period: int = 1, reduction_factor: int = 2, perturbation_interval: int = 2,
+              verbose: int = 0) -> LRSearchResult:
+    """Search the learning rate on Ray Tune: ``"grid"``, ``"random"``, ``"race"`` or ``"pbt"``.
+
+    Every trial trains ``model`` (a copy of it, or a fresh one from the factory) for ``max_steps``
+    at one LR, validates every ``eval_every`` steps and reports ``metric``. The LR is the peak of
+    the model's own optimizer groups, all scaled together (ratios kept, as the finder does). Ray
+    starts locally on 127.0.0.1 (usage statistics off, no dashboard) unless ``address`` joins a
+    cluster or Ray is already initialised in this process.
+
+    Args:
+        model: a LightningModule (every trial starts from its current weights) or a callable
+            returning one (called in each trial after seeding with ``seed``).
+        datamodule: the data; each trial uses a copy, seeded alike, so batches come in the same order.
+        method: ``grid`` | ``random`` | ``race`` | ``pbt`` (see the module's docstring).
+        trials: number of trials (the PBT population).
+        min_lr, max_lr: the range; default: the LR finder's plausible range, run first.
+        max_steps: the budget of a trial in training steps (rounded up to a multiple of ``eval_every``).
+        eval_every: validation (and report, checkpoint) period in steps; default ``max_steps // 10``.
+        metric, mode: the validation metric the model logs and whether lower or higher is better.
+        trainer_kwargs: further ``pl.Trainer`` arguments for each trial (e.g. ``precision``,
+            ``callbacks``); budget, validation period, logging and checkpointing are the search's.
+        finder_kwargs: arguments of the range test (:class:`lrfuse.LRFinder`) when it sets the range.
+        seed: seed of every trial (weights from a factory, data order) and of random/PBT LRs.
+        cpus_per_trial, gpus_per_trial: Ray resources of a trial (its torch threads: ``cpus_per_trial``).
+        max_concurrent: at most this many trials at once (default: as resources allow).
+        address: join this Ray cluster (``"auto"``: the one this machine is part of).
+        num_cpus: CPUs of a local Ray (default: all).
+        include_dashboard: start Ray's dashboard (on 127.0.0.1) with a local Ray.
+        storage_path, name: where Tune keeps checkpoints and results (default ``~/ray_results``;
+            a shared path on a multi-node cluster) and the experiment's folder name.
+        max_failures: times a failed trial is retried from its last checkpoint.
+        grace_period, reduction_factor: the race's first rung (in reports) and halving factor.
+        perturbation_interval: PBT's exploit / explore period, in reports.
+        verbose: Tune's console output (0 silent, 1 a status table, 2 every result).
+
+    Returns:
+        An :class:`LRSearchResult`: best LR and group LRs, every trial, ``plot(path)``, ``to_yaml()``.
+
+    Raises:
+        ValueError: for an unknown method, ``trials < 1``, ``min_lr >= max_lr`` or one of them
+            missing, a budget or period below 1, an unknown mode, negative resources or failures.
+        ImportError: without Ray Tune (``pip install "lrfuse[search]"``).
+        RuntimeError: when the finder, run for the range, makes no suggestion.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"search_lr: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"search_lr: trials must be an integer >= 1, got {trials!r}")
+    if (min_lr is None) != (max_lr is None):
+        raise ValueError(f"search_lr: give both min_lr and max_lr, or neither (the finder's range), got min_lr={min_lr}, "
+                         f"max_lr={max_lr}")
+    if min_lr is not None and not (0 < min_lr < max_lr and math.isfinite(max_lr)):
+        raise ValueError(f"search_lr needs 0 < min_lr < max_lr (finite), got min_lr={min_lr}, max_lr={max_lr}")
+    if max_steps < 1:
+        raise ValueError(f"search_lr: max_steps must be >= 1, got {max_steps}")
+    eval_every = eval_every if eval_every is not None else max(1, max_steps // 10)
+    if eval_every < 1:
+        raise ValueError(f"search_lr: eval_every must be >= 1, got {eval_every}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"search_lr: mode must be 'min' or 'max', got {mode!r}")
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise ValueError(f"search_lr needs cpus_per_trial > 0 and gpus_per_trial >= 0, got {cpus_per_trial}, "
+                         f"{gpus_per_trial}")
+    if max_failures < 0:
+        raise ValueError(f"search_lr: max_failures must be >= 0, got {max_failures}")
+    if grace_period < 1 or reduction_factor < 2 or perturbation_interval < 1:
+        raise ValueError("search_lr needs grace_period >= 1, reduction_factor >= 2 and perturbation_interval >= 1, "
+                         f"got {grace_period}, {reduction_factor}, {perturbation_interval}")
+    if not (isinstance(model, pl.LightningModule) or callable(model)):
+        raise TypeError(f"search_lr: model must be a LightningModule or a callable returning one, "
+                        f"got {type(model).__name__}")
+    from lrfuse.lightning import _ray
+
+    reports = math.ceil(max_steps / eval_every)
+    budget = reports * eval_every  # every trial ends on a validation
+    trainer_kwargs = dict(trainer_kwargs or {})
+    trainer_kwargs.setdefault("accelerator", "gpu" if gpus_per_trial > 0 else "cpu")
+    trainer_kwargs.setdefault("devices", 1)
+    # Ray first (it fails at once when missing, and starts while the finder runs).
+    started = _ray.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard)
+    try:
+        finder = None
+        if min_lr is None:
+            finder = _run_finder(model, datamodule, trainer_kwargs, seed, finder_kwargs or {})
+            if finder.lr is None:
+                raise RuntimeError(f"search_lr: the LR finder made no suggestion ({finder.reason}); pass min_lr and "
+                                   "max_lr to search a range of your choice")
+            min_lr, max_lr = finder.low, finder.high
+            if not min_lr < max_lr:  # a one-point range: search half a decade either side
+                min_lr, max_lr = finder.lr / 3, finder.lr * 3
+        lrs = _initial_lrs(method, trials, min_lr, max_lr, seed)
+        payload = _Payload(model=model, datamodule=datamodule, trainer_kwargs=trainer_kwargs, metric=metric, mode=mode,
+                           seed=seed, threads=max(1, int(cpus_per_trial)), eval_every=eval_every, max_steps=budget,
+                           health_every=max(1, budget // 30))
+        results, path = _run_tune(method, lrs, min_lr, max_lr, payload, cpus_per_trial, gpus_per_trial, max_concurrent,
+                                  storage_path, name, max_failures, grace_period, reduction_factor,
+                                  perturbation_interval, reports, verbose, seed)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    records = _records(results, metric, mode, budget, method)
+    best = _pick(records, mode, budget)
+    return LRSearchResult(lr=None if best is None else best.lr, group_lrs=[] if best is None else best.group_lrs,
+                          method=method, metric=metric, mode=mode, low=float(min_lr), high=float(max_lr), trials=records,
+                          budget_steps=budget, finder=finder, path=path, seconds=time.perf_counter() - start,
+                          lr_attr=_lr_attr(model if isinstance(model, pl.LightningModule) else object()))
+
+
+def _run_finder(model, datamodule, trainer_kwargs: dict, seed: int, finder_kwargs: dict):
+    """The range test on a copy of the model (or a fresh one from the factory), seeded as the trials are."""
+    pl.seed_everything(seed, verbose=False)
+    probe = copy.deepcopy(model) if isinstance(model, pl.LightningModule) else model()
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k != "callbacks"}
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(**{**kwargs, **_FORCED, "max_epochs": 1, "default_root_dir": root})
+        return find_lr(trainer, probe, datamodule=copy.deepcopy(datamodule), **finder_kwargs)
+
+
+def _initial_lrs(method: str, trials: int, low: float, high: float, seed: int) -> list[float]:
+    if method in ("grid", "race"):
+        return [float(v) for v in np.geomspace(low, high, trials)] if trials > 1 else [math.sqrt(low * high)]
+    rng = np.random.default_rng(seed)
+    return [float(v) for v in np.exp(rng.uniform(math.log(low), math.log(high), trials))]
+
+
+def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: int):
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class _Race(FIFOScheduler):
+        """Successive halving in lockstep: a trial that reaches a rung waits (paused, checkpointed)
+        until every trial still in the race has reported there; then the best ``1 / reduction_factor``
+        continue and the rest stop. Trials that end (diverge, fail) leave the race."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._metric, self._mode = metric, mode
+            self.alive: set[str] = set()
+            self.scores: dict[int, dict[str, float]] = {r: {} for r in rungs}
+            self.decided: set[int] = set()
+            self.waiting: dict[str, int] = {}
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return True  # set at construction
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            self.alive.add(trial.trial_id)
+
+        def _rung(self) -> int | None:
+            return next((r for r in rungs if r not in self.decided), None)
+
+        def _decide(self, tune_controller) -> None:
+            rung = self._rung()
+            if rung is None or any(t not in self.scores[rung] for t in self.alive):
+                return
+            ranked = sorted(self.alive, key=lambda t: self.scores[rung][t])
+            self.alive = set(ranked[:max(1, math.ceil(len(ranked) / reduction_factor))])
+            self.decided.add(rung)
+            for trial in tune_controller.get_trials():
+                if trial.status == Trial.PAUSED and trial.trial_id not in self.alive:
+                    tune_controller.stop_trial(trial)
+
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            rung = self._rung()
+            if rung is None or result.get("training_iteration") != rung:
+                return TrialScheduler.CONTINUE
+            value = float(result.get(metric, math.nan))
+            score = value if mode == "min" else -value
+            self.scores[rung][trial.trial_id] = math.inf if math.isnan(score) else score
+            self._decide(tune_controller)
+            if trial.trial_id not in self.alive:
+                return TrialScheduler.STOP
+            if rung in self.decided:
+                return TrialScheduler.CONTINUE
+            self.waiting[trial.trial_id] = rung
+            return TrialScheduler.PAUSE
+
+        def _leave(self, tune_controller, trial) -> None:
+            self.alive.discard(trial.trial_id)
+            self._decide(tune_controller)
+
+        def on_trial_complete(self, tune_controller, trial, result) -> None:
+            self._leave(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial) -> None:
+            self._leave(tune_controller, trial)
+
+        def on_trial_remove(self, tune_controller, trial) -> None:
+            self._leave(tune_controller, trial)
+
+        def choose_trial_to_run(self, tune_controller):
+            for trial in tune_controller.get_trials():
+                if trial.status == Trial.PENDING:
+                    return trial
+            for trial in tune_controller.get_trials():
+                if (trial.status == Trial.PAUSED and trial.trial_id in self.alive
+                        and self.waiting.get(trial.trial_id) in self.decided):
+                    return trial
+            return None
+
+        def debug_string(self) -> str:
+            return f"lrfuse race: rungs {rungs}, {len(self.alive)} in the race"
+
+    return _Race()
+
+
+def _rungs(reports: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """Report counts at which the race halves: grace, grace * rf, ... (before the last report)."""
+    rungs, r = [], grace_period
+    while r < reports:
+        rungs.append(r)
+        r *= reduction_factor
+    return rungs
+
+
+def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, storage_path, name, max_failures,
+              grace_period, reduction_factor, perturbation_interval, reports, verbose, seed):
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    scheduler = None
+    if method == "race":
+        scheduler = _race_scheduler(payload.metric, payload.mode, _rungs(reports, grace_period, reduction_factor),
+                                    reduction_factor)
+    elif method == "pbt":
+        import random
+
+        # PBT's explore draws from Python's RNG: seeded here so a PBT search can be repeated.
+        random.seed(seed)
+        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
+                                            hyperparam_mutations={"lr": tune.loguniform(low, high)},
+                                            perturbation_factors=(2.0, 0.5), quantile_fraction=0.25)
+    trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), {"cpu": cpus, "gpu": gpus})
+    run_config = tune.RunConfig(
+        name=name or f"lrfuse-{method}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=None if storage_path is None else os.path.abspath(os.fspath(storage_path)),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        # PBT restores a trial from another's checkpoint, which must still be there: it keeps all.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if method == "pbt" else 2), verbose=verbose)
+    tuner = tune.Tuner(trainable, param_space={"lr": tune.grid_search(lrs)},
+                       tune_config=tune.TuneConfig(metric=payload.metric, mode=payload.mode, scheduler=scheduler,
+                                                   max_concurrent_trials=max_concurrent, reuse_actors=True),
+                       run_config=run_config)
+    grid = tuner.fit()
+    return list(grid), grid.experiment_path
