@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/search_quality.py (issue 12): its --smoke mode runs every method on Ray Tune.
+
+Only the shape of the report is checked; scores never decide pass/fail.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("sklearn")
+if importlib.util.find_spec("ray") is None:
+    pytest.skip('Ray Tune is not installed (pip install "lrfuse[search]")', allow_module_level=True)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_quality.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("search_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_mode_reports_every_method(tmp_path, capsys):
+    sq = _load()
+    out = tmp_path / "sq.json"
+    assert sq.main(["--smoke", "--json", str(out), "--storage", str(tmp_path / "ray")]) == 0
+    result = json.loads(out.read_text())
+    (r,) = result["results"]
+    assert r["dataset"] == "digits" and r["budget"] == 20
+    assert set(r["methods"]) == set(sq.METHODS)
+    grid = r["methods"]["grid"]
+    assert len(grid["trials"]) == 2 and r["grid_best"]["value"] == max(t["value"] for t in grid["trials"])
+    for m, e in r["methods"].items():
+        assert math.isclose(e["gap"], r["grid_best"]["value"] - e["value"])
+        assert e["steps"] >= r["budget"] and e["seconds"] > 0
+    assert r["methods"]["finder"]["steps"] == r["finder"]["steps"] + 20
+    printed = capsys.readouterr().out
+    assert "| digits (seed 0) | race |" in printed and "| digits (seed 0) | grid |" in printed
+
+
+def test_unknown_dataset_is_rejected():
+    with pytest.raises(SystemExit):
+        _load().main(["--datasets", "mnist"])
