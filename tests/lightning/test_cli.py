@@ -92,6 +92,14 @@ def test_lrfuse_find_and_demo(tmp_path, capsys):
     assert main(["find", "--no-progress", "--num-steps=40", f"--plot={plot}"]) == 0
     out = capsys.readouterr().out
     assert "suggested lr" in out and plot.exists()
+    assert "train with: lrfuse fit --seed_everything=0 --model.lr=" in out
+    # fit's flags and YAML: the model and data they configure are the ones swept
+    config = tmp_path / "find.yaml"
+    config.write_text("model:\n  hidden: 16\ndata:\n  batch_size: 32\n")
+    assert main(["find", "--no-progress", "--num-steps=30", "--plot=", "--config", str(config),
+                 "--optimizer=lrfuse.FusedAdamW", "--optimizer.weight_decay=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "[30 steps" in out and f"--config {config}" in out and "--optimizer.lr=" in out
     assert main(["demo", "--no-progress", "--epochs=1", "--plot="]) == 0
     out = capsys.readouterr().out
     assert "final validation accuracy" in out and "lrfuse.FusedAdam" in out and "torch.optim.Adam" in out
