@@ -69,9 +69,12 @@ void check_call(const FusedCall& call) {
 // Which optional states a call carries: bit k set when optional list k is not empty.
 template <typename Rule>
 unsigned present_optional(const FusedCall& call) {
-  unsigned mask = 0;
-  for (size_t k = 0; k < Rule::kOptionalStates.size(); ++k)
-    if (!call.states[Rule::kStates.size() + k].empty()) mask |= 1u << k;
+  unsigned mask = 0, bit = 1;
+  size_t k = Rule::kStates.size();
+  for ([[maybe_unused]] const char* name : Rule::kOptionalStates) {
+    if (!call.states[k++].empty()) mask |= bit;
+    bit <<= 1;
+  }
   return mask;
 }
 

@@ -70,7 +70,7 @@ class _FusedStep:
         return next(b.__name__ for b in type(self).__mro__ if b.__module__.startswith("torch.optim"))
 
     def _row(self, values: tuple) -> list:
-        """The hyper-table row, in ``_columns`` order, of a group's ``_row_keys`` values."""
+        """The hyper-table row, in the rule's column order, of a group's ``_row_keys`` values."""
         raise NotImplementedError
 
     def _uses(self, group: dict) -> tuple[bool, ...]:
