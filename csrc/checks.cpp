@@ -65,7 +65,7 @@ void check_fused_args(const FusedArgs& a) {
   for (const auto& [name, list] : a.optional_states)
     TORCH_CHECK(list.empty() || list.size() == n, a.op, ": ", name, " has ", list.size(),
                 " entries; pass none (feature off) or one per parameter (", n, ")");
-  check_len("steps", a.steps.size());
+  if (a.has_steps) check_len("steps", a.steps.size());
   check_len("group_of", a.group_of.size());
 
   TORCH_CHECK(a.hyper.scalar_type() == at::kDouble && a.hyper.dim() == 2 &&
@@ -98,7 +98,7 @@ void check_fused_args(const FusedArgs& a) {
     for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
     for (const auto& [name, list] : a.optional_states)
       if (!list.empty()) check_written(a, name, list[i], i);
-    check_step(a, a.steps[i], i, device);
+    if (a.has_steps) check_step(a, a.steps[i], i, device);
     if (p.numel() > 0) starts.emplace_back(p.data_ptr(), i);
   }
   // A parameter passed twice would be updated twice.

@@ -18,6 +18,7 @@ struct FusedArgs {
   std::vector<NamedList> states;           // one tensor per parameter
   std::vector<NamedList> optional_states;  // empty, or one tensor per parameter
   at::TensorList steps;
+  bool has_steps;  // false: the rule keeps no step and `steps` is empty
   at::IntArrayRef group_of;
   const at::Tensor& hyper;
   int64_t hyper_columns;

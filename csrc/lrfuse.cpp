@@ -1,15 +1,12 @@
-// Every schema of the lrfuse ops, in one place. Backends add kernels with TORCH_LIBRARY_IMPL
-// (csrc/cpu, csrc/cuda); Python imports this module only to run the registrations.
-//
-// One call updates every tensor of every parameter group on one device. `group_of[i]` is the
-// row of `hyper` (float64, one row per group, columns in update_rules.h) that tensor i reads,
-// so groups with different learning rates share the call. Optional state lists are empty
-// (the feature is off) or hold one tensor per parameter.
+// The lrfuse library: one op per update rule (csrc/rules/all.h), its schema generated from the
+// rule (csrc/fused_op.h). Backends add kernels with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda);
+// Python imports this module only to run the registrations.
 #include <Python.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "fused_op.h"
 
 #ifndef LRFUSE_WITH_CUDA
 #define LRFUSE_WITH_CUDA 0  // setup.py defines it to 1 when it compiles csrc/cuda
@@ -43,14 +40,9 @@ struct TensorRefs : torch::CustomClassHolder {
 }  // namespace lrfuse
 
 TORCH_LIBRARY(lrfuse, m) {
-  m.def(
-      "fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
-      "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def(
-      "fused_rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
-      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] grad_avgs, Tensor(e!)[] steps, "
-      "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+#define LRFUSE_DEF(Rule) m.def(lrfuse::schema<lrfuse::Rule>().c_str());
+  LRFUSE_RULES(LRFUSE_DEF)
+#undef LRFUSE_DEF
   // Which vectorized variant of the CPU kernels this processor runs (for benchmark reports).
   m.def("cpu_isa() -> str", &lrfuse::cpu_isa);
   m.class_<lrfuse::TensorRefs>("TensorRefs").def(torch::init<std::vector<at::Tensor>>());

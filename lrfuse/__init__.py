@@ -1,9 +1,9 @@
 """lrfuse: fused per-group learning-rate optimizers and LR tools for PyTorch Lightning."""
 
-from lrfuse.optim import FusedAdam, FusedAdamW, FusedRMSprop
+from lrfuse.optim import FusedAdadelta, FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
 
 __all__ = [
-    "FusedAdam", "FusedAdamW", "FusedRMSprop",
+    "FusedAdam", "FusedAdamW", "FusedRMSprop", "FusedSGD", "FusedAdagrad", "FusedAdadelta",
     "LRFinder", "LRHealthMonitor", "LRSchedule", "find_lr", "search_lr",
     "discriminative_groups", "layerwise_groups",
 ]

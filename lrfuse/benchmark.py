@@ -1,15 +1,15 @@
 """Benchmark of one optimizer step: lrfuse's fused optimizers against every ``torch.optim`` path.
 
 For each standard workload of the design (``large``, ``many_small``, ``many_groups``, ``llrd``,
-``resnet_like``, ``tiny``) and each optimizer (FusedAdam, FusedAdamW, FusedRMSprop), one run times a
-step of lrfuse and of ``torch.optim`` for-loop (``foreach=False``), ``foreach=True`` and
-``fused=True`` (where torch has it), each on fresh random parameters with random gradients set
+``resnet_like``, ``tiny``) and each optimizer (FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD with
+momentum, FusedAdagrad, FusedAdadelta), one run times a step of lrfuse and of ``torch.optim``
+for-loop (``foreach=False``), ``foreach=True`` and ``fused=True`` (where torch has it), each on fresh random parameters with random gradients set
 once, with :mod:`torch.utils.benchmark` (median after warm-up). The same run measures the memory
 bandwidth with an in-place read+write update over a buffer far larger than the caches, so achieved
 GB/s and the fraction of that bandwidth come from the same machine state as the step times.
 
-Bytes per parameter per step (fp32): Adam 28 (read p, g, m, v; write p, m, v), AMSGrad 36,
-RMSprop 20 (+8 momentum, +8 centered).
+Bytes per parameter per step (fp32), at the settings benchmarked (``BENCHED``): Adam 28 (read p, g,
+m, v; write p, m, v), RMSprop 20, SGD with momentum 20, Adagrad 20, Adadelta 28.
 
 Entry points: :func:`main` (the ``lrfuse bench`` command and ``benchmarks/bench_step.py``) and
 :func:`compare_step_time` (FusedAdam against torch's Adam on a given set of parameters).
@@ -32,10 +32,30 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import benchmark as tbench
 
-__all__ = ["OPTIMIZERS", "WORKLOADS", "compare_step_time", "main", "measure_bandwidth", "run"]
+__all__ = ["BENCHED", "OPTIMIZERS", "WORKLOADS", "compare_step_time", "main", "measure_bandwidth", "run"]
 
 WORKLOADS = ("large", "many_small", "many_groups", "llrd", "resnet_like", "tiny")
-OPTIMIZERS = ("FusedAdam", "FusedAdamW", "FusedRMSprop")
+
+
+@dataclass(frozen=True)
+class Benched:
+    """How one optimizer is benchmarked."""
+
+    torch_class: str
+    kwargs: dict            # settings of both sides (SGD: momentum, as it is trained)
+    bytes_per_param: int    # fp32 bytes one step reads and writes per parameter at those settings
+    fused_on: tuple = ()    # devices where torch has fused=True
+
+
+BENCHED = {
+    "FusedAdam": Benched("Adam", {}, 28, ("cpu", "cuda")),
+    "FusedAdamW": Benched("AdamW", {}, 28, ("cpu", "cuda")),
+    "FusedRMSprop": Benched("RMSprop", {}, 20),
+    "FusedSGD": Benched("SGD", {"momentum": 0.9}, 20, ("cpu", "cuda")),
+    "FusedAdagrad": Benched("Adagrad", {}, 20, ("cpu",)),
+    "FusedAdadelta": Benched("Adadelta", {}, 28),
+}
+OPTIMIZERS = tuple(BENCHED)
 
 # The torch implementations compared, as constructor flags.
 _TORCH_IMPLS: dict[str, dict] = {
@@ -43,8 +63,6 @@ _TORCH_IMPLS: dict[str, dict] = {
     "foreach": {"foreach": True},
     "fused": {"fused": True},
 }
-_TORCH_CLASS = {"FusedAdam": "Adam", "FusedAdamW": "AdamW", "FusedRMSprop": "RMSprop"}
-_HAS_FUSED = {"FusedAdam", "FusedAdamW"}  # torch has no fused RMSprop
 
 _BASE_LR = 1e-3
 _LLRD_DECAY = 0.8
@@ -106,13 +124,6 @@ def make_workload(name: str, quick: bool = False, large_params: int | None = Non
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
-def bytes_per_param(optimizer: str, amsgrad: bool = False, momentum: bool = False, centered: bool = False) -> int:
-    """fp32 bytes one step reads and writes per parameter (the design's performance model)."""
-    if optimizer in ("FusedAdam", "FusedAdamW", "Adam", "AdamW"):
-        return 36 if amsgrad else 28
-    return 20 + 8 * momentum + 8 * centered
-
-
 # ---------------------------------------------------------------------------------------------
 # Timing.
 
@@ -147,14 +158,14 @@ def _build(optimizer: str, impl: str, groups: list[dict]) -> torch.optim.Optimiz
     if impl == "lrfuse":
         import lrfuse
 
-        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR)
-    cls = getattr(torch.optim, _TORCH_CLASS[optimizer])
-    return cls(groups, lr=_BASE_LR, **_TORCH_IMPLS[impl])
+        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs)
+    cls = getattr(torch.optim, BENCHED[optimizer].torch_class)
+    return cls(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs, **_TORCH_IMPLS[impl])
 
 
 def _impls_for(optimizer: str, device: torch.device) -> list[str]:
     impls = ["forloop", "foreach"] if device.type == "cpu" else ["foreach"]
-    if optimizer in _HAS_FUSED:
+    if device.type in BENCHED[optimizer].fused_on:
         impls.append("fused")
     return ["lrfuse"] + impls
 
@@ -357,7 +368,8 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
         for oname in optimizers:
             if oname not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {oname!r}; choose from {', '.join(OPTIMIZERS)}")
-            row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups), bytes_per_param(oname))
+            row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups),
+                      BENCHED[oname].bytes_per_param)
             fns = {impl: _ready_step(oname, impl, work, dev) for impl in _impls_for(oname, dev)}
             timed = time_interleaved({**fns, "bandwidth": probe.fn}, dev, min_run_time)
             row.bandwidth_gbps = probe.nbytes / timed.pop("bandwidth")["median_s"] / 1e9

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cuda/fused_call.h"
@@ -33,26 +34,29 @@ struct HostLauncher {
 
 using List = std::vector<at::Tensor>;
 
-void fused_adam_(const List& params, const List& grads, const List& exp_avgs, const List& exp_avg_sqs,
-                 const List& max_exp_avg_sqs, const List& steps, const std::vector<int64_t>& group_of,
-                 const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
-  fused_adam<HostLauncher>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of,
-                           common_of(hyper, grad_scale, found_inf));
-}
-
-void fused_rmsprop_(const List& params, const List& grads, const List& square_avgs, const List& momentum_buffers,
-                    const List& grad_avgs, const List& steps, const std::vector<int64_t>& group_of,
-                    const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  fused_rmsprop<HostLauncher>(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of,
-                              common_of(hyper, grad_scale, found_inf));
+// fused_<rule>_ with its state lists in one list, for every rule.
+void fused_op(const std::string& rule, const List& params, const List& grads, const std::vector<List>& states,
+              const List& steps, const std::vector<int64_t>& group_of, const at::Tensor& hyper,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(states.size() <= kMaxStates, "too many state lists");
+  FusedCall call{params, grads, {}, steps, group_of, hyper, grad_scale, found_inf};
+  for (size_t k = 0; k < states.size(); ++k) call.states[k] = states[k];
+  bool found = false;
+#define LRFUSE_EMULATE(Rule)                                                    \
+  if (rule == Rule::kName) {                                                    \
+    TORCH_CHECK(states.size() == num_states<Rule>(), "wrong number of states"); \
+    check_call<Rule>(call);                                                     \
+    fused<HostLauncher, Rule>(call, common_of(hyper, grad_scale, found_inf));   \
+    found = true;                                                               \
+  }
+  LRFUSE_RULES(LRFUSE_EMULATE)
+#undef LRFUSE_EMULATE
+  TORCH_CHECK(found, "no rule named ", rule);
 }
 
 }  // namespace
 }  // namespace lrfuse::cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_adam_", &lrfuse::cuda::fused_adam_, "the CUDA backend's fused_adam_, run on the host");
-  m.def("fused_rmsprop_", &lrfuse::cuda::fused_rmsprop_, "the CUDA backend's fused_rmsprop_, run on the host");
+  m.def("fused", &lrfuse::cuda::fused_op, "the CUDA backend's fused_<rule>_, run on the host");
 }

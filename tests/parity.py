@@ -1,21 +1,71 @@
 """Runs a fused optimizer beside its torch.optim for-loop oracle and compares every step.
 
-Shared by the CPU and CUDA parity tests.
+The one parity suite (tests/test_parity.py) runs these over every algorithm of ``ALGORITHMS``
+and every backend (tests/conftest.py's ``backend``); other tests use them too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 import lrfuse
 
-PAIRS = {
-    "adam": (lrfuse.FusedAdam, torch.optim.Adam),
-    "adamw": (lrfuse.FusedAdamW, torch.optim.AdamW),
-    "rmsprop": (lrfuse.FusedRMSprop, torch.optim.RMSprop),
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One fused class and what the parity suite varies for it."""
+
+    fused: type
+    torch: type
+    rule: str                 # its rule in lrfuse.ops.RULES
+    group_extras: list[dict]  # three groups' own hyper-parameters (besides lr)
+    flags: list[dict]         # configurations that between them take every switch of the rule
+    low_precision: dict = field(default_factory=dict)  # settings with every state in use
+
+
+# Adding an optimizer: one entry here.
+ALGORITHMS = {
+    "adam": Algorithm(lrfuse.FusedAdam, torch.optim.Adam, "adam",
+                      [{"betas": (0.8, 0.99), "eps": 1e-6}, {"weight_decay": 0.1, "betas": (0.9, 0.95)}, {"eps": 1e-4}],
+                      [{"amsgrad": a, "maximize": m, "weight_decay": 0.05} for a in (False, True) for m in (False, True)],
+                      {"amsgrad": True, "weight_decay": 0.01}),
+    "adamw": Algorithm(lrfuse.FusedAdamW, torch.optim.AdamW, "adam",
+                       [{"betas": (0.8, 0.99), "eps": 1e-6}, {"weight_decay": 0.1, "betas": (0.9, 0.95)}, {"eps": 1e-4}],
+                       [{"amsgrad": a, "maximize": m} for a in (False, True) for m in (False, True)],
+                       {"amsgrad": True, "weight_decay": 0.01}),
+    "rmsprop": Algorithm(lrfuse.FusedRMSprop, torch.optim.RMSprop, "rmsprop",
+                         [{"alpha": 0.9, "eps": 1e-6}, {"weight_decay": 0.1, "alpha": 0.95}, {"momentum": 0.5}],
+                         [{"centered": c, "momentum": mo, "maximize": m}
+                          for c in (False, True) for mo in (0.0, 0.9) for m in (False, True)],
+                         {"momentum": 0.9, "centered": True, "weight_decay": 0.01}),
+    "sgd": Algorithm(lrfuse.FusedSGD, torch.optim.SGD, "sgd",
+                     [{"momentum": 0.9, "dampening": 0.1}, {"weight_decay": 0.1, "momentum": 0.5, "nesterov": True},
+                      {"momentum": 0.0}],
+                     [{"momentum": 0.0, "maximize": True, "weight_decay": 0.05}, {"momentum": 0.9},
+                      {"momentum": 0.9, "dampening": 0.3, "maximize": True},
+                      {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}],
+                     {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    "adagrad": Algorithm(lrfuse.FusedAdagrad, torch.optim.Adagrad, "adagrad",
+                         [{"lr_decay": 0.1, "eps": 1e-6}, {"weight_decay": 0.1}, {"initial_accumulator_value": 0.2}],
+                         [{"lr_decay": 0.05, "maximize": m, "weight_decay": wd, "initial_accumulator_value": 0.1}
+                          for m in (False, True) for wd in (0.0, 0.05)],
+                         {"lr_decay": 0.01, "weight_decay": 0.01}),
+    "adadelta": Algorithm(lrfuse.FusedAdadelta, torch.optim.Adadelta, "adadelta",
+                          [{"rho": 0.8, "eps": 1e-5}, {"weight_decay": 0.1}, {"rho": 0.95}],
+                          [{"maximize": m, "weight_decay": wd} for m in (False, True) for wd in (0.0, 0.05)],
+                          {"weight_decay": 0.01}),
 }
+
+PAIRS = {name: (a.fused, a.torch) for name, a in ALGORITHMS.items()}
+# The learning rates the suite uses: a step of each algorithm moves parameters by about 1e-2.
+LR = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd": 1e-2, "adagrad": 1e-1, "adadelta": 1.0}
 
 # torch's default float32 tolerances.
 FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
@@ -100,9 +150,9 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
     fused_cls, torch_cls = PAIRS[name]
     dtype = params[0].dtype
     ref = [leaf(p.detach().float()) for p in params]
-    kwargs = {"momentum": 0.9, "centered": True} if name == "rmsprop" else {"amsgrad": True}
-    fused = fused_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
-    oracle = torch_cls(ref, lr=1e-2, weight_decay=0.01, foreach=False, **kwargs)
+    kwargs = {"lr": LR[name], **ALGORITHMS[name].low_precision}
+    fused = fused_cls(params, **kwargs)
+    oracle = torch_cls(ref, foreach=False, **kwargs)
     for step in range(steps):
         for p, q in zip(params, ref):
             p.grad = torch.randn_like(p)
@@ -113,6 +163,9 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
             for p, q in zip(params, ref):
                 for key, value in fused.state[p].items():
                     oracle.state[q][key].copy_(value)
+        elif name == "adagrad":  # torch creates Adagrad's state at construction: start equal
+            for p, q in zip(params, ref):
+                oracle.state[q]["sum"].copy_(fused.state[p]["sum"])
         fused.step()
         oracle.step()
         for p, q in zip(params, ref):
@@ -147,3 +200,37 @@ def run_compiled_with_lr_changes(params: list[torch.Tensor], steps: int = 4) -> 
                 compiled()
         ref_opt.step()
         assert_same(opt, ref_opt, params, ref, FP32, f"compiled step {step}")
+
+
+# A plausible value of every hyper-table column, for calling the ops directly.
+COLUMN_VALUES = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.01, "maximize": 0.0,
+                 "decoupled": 1.0, "alpha": 0.99, "momentum": 0.9, "dampening": 0.1, "nesterov": 1.0,
+                 "first_step": 0.0, "lr_decay": 0.01, "rho": 0.9}
+
+
+def op_args(rule, device: torch.device, dtype: torch.dtype = torch.float32, optional: bool = True) -> tuple:
+    """Arguments of one call of ``rule``'s native op: three tensors (one column-major) in two
+    groups whose rows differ (the second maximizes and, for SGD, starts its buffers), every
+    optional state when ``optional``, a grad_scale of 8 and a found_inf of 0."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(70000,), (33,), (9, 5)]
+
+    def place(t: torch.Tensor, i: int) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype)
+        return t.t().contiguous().t() if i == 2 else t
+
+    def tensors(scale: float = 1.0, shift: float = 0.0) -> list[torch.Tensor]:
+        return [place(torch.rand(s, generator=g, dtype=torch.float64) * scale + shift, i) for i, s in enumerate(shapes)]
+
+    # Small state values (RMSprop's grad_avg) keep centered variances positive.
+    states = [tensors(0.01 if "grad_avg" in key else 1.0, 0.5 if key == "square_avg" else 0.0)
+              for key in rule.states]
+    states += [tensors(0.01 if "grad_avg" in key else 1.0) if optional else [] for key in rule.optional_states]
+    rows = [[COLUMN_VALUES[c] for c in rule.columns] for _ in range(2)]
+    for c, value in (("maximize", 1.0), ("first_step", 1.0), ("lr", 3e-3), ("weight_decay", 0.0)):
+        if c in rule.columns:
+            rows[1][rule.columns.index(c)] = value
+    steps = [[torch.full((), 4.0, device=device) for _ in shapes]] if rule.counts_steps else []
+    return (tensors(2.0, -1.0), tensors(2.0, -1.0), *states, *steps, [0, 1, 1],
+            torch.tensor(rows, dtype=torch.float64, device=device),
+            torch.full((), 8.0, device=device), torch.zeros((), device=device))

@@ -11,43 +11,41 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from parity import leaf, run_compiled_with_lr_changes
+from parity import leaf, op_args, run_compiled_with_lr_changes
 
 native = pytest.mark.skipif(ops.backend("cpu") != "native", reason="lrfuse._C is not built")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_hyper_columns_match_the_native_enums():
-    header = (ROOT / "csrc" / "update_rules.h").read_text()
-    for namespace, columns in (("adam_col", ops.ADAM_COLUMNS), ("rmsprop_col", ops.RMSPROP_COLUMNS)):
-        enum = re.search(namespace + r" \{\s*enum : int \{ ([^}]*) \};", header).group(1)
-        assert [c.strip() for c in enum.split(",")] == [*columns, "count"]
-
-
-def sample_args(amsgrad: bool):
-    torch.manual_seed(0)
-    params = [torch.randn(5, 3), torch.randn(7).t(), torch.randn(4, 6).t()]
-    state = lambda: [torch.rand_like(p) for p in params]  # noqa: E731
-    return (params, [torch.randn_like(p) for p in params], state(), state(), state() if amsgrad else [],
-            [torch.full((), 3.0) for _ in params], [0, 1, 1],
-            torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 1.0], [1e-2, 0.8, 0.99, 1e-6, 0.0, 1.0, 0.0]],
-                         dtype=torch.float64))
+@pytest.mark.parametrize("name", list(ops.RULES))
+def test_python_and_native_rules_agree(name):
+    """The rule's columns are the native rule's Column enum, in order (csrc/rules/<name>.h)."""
+    header = (ROOT / "csrc" / "rules" / f"{name}.h").read_text()
+    enum = re.search(r"enum Column : int \{ ([^}]*) \};", header).group(1)
+    assert [c.strip() for c in enum.split(",")] == [*ops.RULES[name].columns, "kColumns"]
 
 
 @native
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_opcheck_adam(amsgrad):
-    torch.library.opcheck(torch.ops.lrfuse.fused_adam_.default, sample_args(amsgrad))
+@pytest.mark.parametrize("name", list(ops.RULES))
+def test_native_schema_is_the_rules(name):
+    """One state list per state key, in order, and `steps` exactly for rules that count them."""
+    rule = ops.RULES[name]
+    schema = getattr(torch.ops.lrfuse, f"fused_{name}_").default._schema
+    names = [a.name for a in schema.arguments]
+    expected = 2 + len(rule.all_states) + rule.counts_steps + 4
+    assert len(names) == expected and names[:2] == ["params", "grads"] and names[-4:] == [
+        "group_of", "hyper", "grad_scale", "found_inf"]
+    assert ("steps" in names) == rule.counts_steps
+    assert all(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[2:2 + len(rule.all_states)])
 
 
 @native
-@pytest.mark.parametrize("centered", [False, True])
-def test_opcheck_rmsprop(centered):
-    params, grads, sq, buf, _, steps, group_of, _ = sample_args(False)
-    hyper = torch.tensor([[1e-2, 0.99, 1e-8, 0.0, 0.9, 0.0], [1e-3, 0.9, 1e-6, 0.1, 0.9, 1.0]], dtype=torch.float64)
-    grad_avgs = [torch.rand_like(p) for p in params] if centered else []
-    torch.library.opcheck(torch.ops.lrfuse.fused_rmsprop_.default,
-                          (params, grads, sq, buf, grad_avgs, steps, group_of, hyper))
+@pytest.mark.parametrize("name, optional", [(name, optional) for name, rule in ops.RULES.items()
+                                            for optional in ([False, True] if rule.optional_states else [True])])
+def test_opcheck(name, optional):
+    """torch's checks of a custom op: schema, fake kernel, autograd registration, dispatch."""
+    torch.library.opcheck(getattr(torch.ops.lrfuse, f"fused_{name}_").default,
+                          op_args(ops.RULES[name], torch.device("cpu"), optional=optional)[:-2])
 
 
 def test_backend_reports_the_path(monkeypatch):

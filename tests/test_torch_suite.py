@@ -1,7 +1,7 @@
 """PyTorch's own optimizer test suite (test/test_optim.py, ``TestOptimRenewed``), ported to lrfuse.
 
-lrfuse's classes claim to be drop-ins for torch.optim.Adam / AdamW / RMSprop on the CPU, so they
-must pass what torch checks of those optimizers. The configurations are torch's own, taken from
+lrfuse's classes claim to be drop-ins for torch.optim.Adam / AdamW / RMSprop / SGD / Adagrad /
+Adadelta on the CPU, so they must pass what torch checks of those optimizers. The configurations are torch's own, taken from
 ``torch.testing._internal.common_optimizers`` (``optim_db``): ``optim_inputs_func`` for the
 constructor arguments and ``optim_error_inputs_func`` for the bad ones, so a new torch release
 brings its new configurations here by itself. Where torch's test compares two implementations
@@ -31,14 +31,15 @@ How torch's configurations are used on a CPU drop-in:
   one-element tensor lr that is not 0-dim.
 
 Left out as GPU-only: the CUDA / multi-GPU / MPS tests, peak-memory, large-tensor, ``found_inf``
-on fused CUDA, device-moving state_dict tests. Left out as not applicable: sparse (torch's Adam /
-RMSprop do not take sparse gradients), LBFGS-style closures (step_requires_closure is False for all
-three).
+on fused CUDA, device-moving state_dict tests. Left out as not applicable: sparse gradients (only
+torch's SGD and Adagrad take them, and lrfuse refuses them with a clear error: see test_errors),
+LBFGS-style closures (step_requires_closure is False for all six).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import re
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ PAIRS = {
     "adam": (lrfuse.FusedAdam, torch.optim.Adam),
     "adamw": (lrfuse.FusedAdamW, torch.optim.AdamW),
     "rmsprop": (lrfuse.FusedRMSprop, torch.optim.RMSprop),
+    "sgd": (lrfuse.FusedSGD, torch.optim.SGD),
+    "adagrad": (lrfuse.FusedAdagrad, torch.optim.Adagrad),
+    "adadelta": (lrfuse.FusedAdadelta, torch.optim.Adadelta),
 }
 INFO = {name: next(info for info in optim_db if info.optim_cls is torch_cls)
         for name, (_, torch_cls) in PAIRS.items()}
@@ -96,6 +100,19 @@ EXTRA = {
         ({"momentum": 0.9}, "momentum, not centered"),
         ({"lr": torch.tensor([0.01]), "centered": True, "momentum": 0.5, "maximize": True},
          "1-d one-element Tensor lr, centered, momentum, maximize"),
+    ],
+    "sgd": [
+        ({"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1, "maximize": True},
+         "momentum, dampening, weight_decay, maximize"),
+        ({"lr": torch.tensor([0.01]), "momentum": 0.9, "nesterov": True}, "1-d one-element Tensor lr, nesterov"),
+    ],
+    "adagrad": [
+        ({"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3, "maximize": True},
+         "lr_decay, weight_decay, initial_accumulator_value, maximize"),
+    ],
+    "adadelta": [
+        ({"lr": torch.tensor([0.5]), "rho": 0.8, "weight_decay": 0.1, "maximize": True},
+         "1-d one-element Tensor lr, rho, weight_decay, maximize"),
     ],
 }
 
@@ -441,7 +458,8 @@ def test_errors(name, index):
                 opt.step()
 
 
-@by_name
+@pytest.mark.parametrize("name", [n for n, (_, torch_cls) in PAIRS.items()
+                                  if "capturable" in inspect.signature(torch_cls.__init__).parameters])
 def test_capturable_is_refused_on_cpu_at_step(name):
     """capturable=True with CPU parameters: accepted by the constructor, refused by step (torch
     raises an AssertionError there), and nothing updated."""
@@ -1026,11 +1044,16 @@ def test_step_is_noop_when_params_have_no_grad(name):
         params = [torch.randn(2, 3) for _ in range(2)]
         before = [p.clone() for p in params]
         opt = fused_cls(params, **cfg.make())
+        # Adagrad's state, made at construction as torch's is
+        created = {p: {k: v.clone() for k, v in state.items()} for p, state in opt.state.items()}
         loss = torch.tensor([1.0])
         assert opt.step(lambda: loss) is loss, cfg.id
         for p, b in zip(params, before):
             assert torch.equal(p, b), cfg.id
-        assert len(opt.state) == 0, cfg.id
+        assert len(opt.state) == len(created), cfg.id
+        for p, state in created.items():
+            assert opt.state[p].keys() == state.keys(), cfg.id
+            assert all(torch.equal(opt.state[p][k], v) for k, v in state.items()), cfg.id
 
 
 ZERO_GRAD_CONFIGS = [c for c in ALL_CONFIGS if not c.kwargs.get("weight_decay")]  # decay moves params
@@ -1059,7 +1082,7 @@ def test_param_without_grad_is_skipped(name):
         untouched = params[1].detach().clone()
         ref, fused, oracle = pair_over(cfg, params)
         step_both(fused, oracle, params, ref, range(3), lambda step, i: i != 1, where=f"{cfg.id} ")
-        assert params[1] not in fused.state, cfg.id
+        assert (params[1] in fused.state) == (ref[1] in oracle.state), cfg.id  # Adagrad: made at construction
         assert torch.equal(params[1].detach(), untouched), cfg.id
 
 
@@ -1103,8 +1126,8 @@ def test_non_empty_state(name):
             opt = cls(model.parameters(), **cfg.make())
             model(torch.rand(2, 5)).sum().backward()
             opt.step()
-            states.append([sorted(opt.state[p]) for p in model.parameters()])
-        assert all(states[0]), cfg.id
+            states.append([sorted(opt.state[p]) for p in model.parameters() if p in opt.state])
+        assert all(states[0]), cfg.id  # a parameter with state has some (SGD without momentum has none)
         assert states[0] == states[1], cfg.id
 
 
@@ -1168,7 +1191,8 @@ def test_set_default_dtype(name, default_dtype):
             for step in range(3):
                 step_both(fused, oracle, params, ref, [step], where=f"{cfg.id} ")
                 for q in ref:
-                    assert oracle.state[q]["step"].dtype == expected_step_dtype  # torch's behaviour
+                    if "step" in oracle.state.get(q, {}):  # SGD keeps none
+                        assert oracle.state[q]["step"].dtype == expected_step_dtype  # torch's behaviour
     finally:
         torch.set_default_dtype(old)
 

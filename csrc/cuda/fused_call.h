@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "../fused_op.h"
 #include "kernels.h"
 #include "launch_plan.h"
 
@@ -39,6 +40,7 @@ class MultiTensorCall {
     entries_.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       Entry e;
+      e.slot.step = nullptr;  // a rule that keeps no step
       const at::Tensor& p = lists[0][i];
       bool flat = p.is_non_overlapping_and_dense();
       for (int k = 1; k < kDepth && flat; ++k) flat = same_layout(p, lists[k][i]);
@@ -50,12 +52,14 @@ class MultiTensorCall {
       e.slot.numel = p.numel();
       // The kernels count in float32 (exact to 2^24 steps); a float64 step (torch's under a
       // float64 default dtype) runs on a float32 copy, which copy_back keeps and writes back.
-      at::Tensor step = steps[i];
-      if (step.scalar_type() != at::kFloat) {
-        step = steps[i].to(at::kFloat);
-        copy_back_.push_back({steps[i], step});
+      if (!steps.empty()) {
+        at::Tensor step = steps[i];
+        if (step.scalar_type() != at::kFloat) {
+          step = steps[i].to(at::kFloat);
+          copy_back_.push_back({steps[i], step});
+        }
+        e.slot.step = step.data_ptr<float>();
       }
-      e.slot.step = step.data_ptr<float>();
       e.slot.group = static_cast<int32_t>(group_of[i]);
       entries_.push_back(std::move(e));
     }
@@ -78,7 +82,7 @@ class MultiTensorCall {
     for (const Entry& e : entries_) {
       if (e.operands[0].scalar_type() != dtype) continue;
       packer.add(e.slot, launch);
-      if (!block_owns_step(e.slot.numel)) late_steps_.push_back(e.slot.step);
+      if (e.slot.step != nullptr && !block_owns_step(e.slot.numel)) late_steps_.push_back(e.slot.step);
     }
     packer.flush(launch);
   }
@@ -132,35 +136,29 @@ void fused_launches(const std::array<at::TensorList, Kernel::kDepth>& lists, at:
   call.copy_back();
 }
 
-// The ops' bodies after the argument checks (checks.h): which kernel the state lists call for.
-template <typename Launcher>
-void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_of, const Common& common) {
-  if (max_exp_avg_sqs.empty()) {
-    fused_launches<Launcher, AdamKernel<false>>({params, grads, exp_avgs, exp_avg_sqs}, steps, group_of, common);
-  } else {
-    fused_launches<Launcher, AdamKernel<true>>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps,
-                                               group_of, common);
-  }
+// Launches every tensor of `lists` through `RuleKernel<Rule, kPresent>` (the lists present).
+template <typename Launcher, typename Rule, unsigned kPresent>
+void fused_present(const FusedCall& call, const Common& common) {
+  using Kernel = RuleKernel<Rule, kPresent>;
+  std::array<at::TensorList, Kernel::kDepth> lists;
+  lists[0] = call.params;
+  lists[1] = call.grads;
+  for (int k = 0; k < Kernel::kStates; ++k)
+    if (state_present<Rule>(kPresent, k)) lists[Kernel::slot(k)] = call.states[k];
+  fused_launches<Launcher, Kernel>(lists, call.steps, call.group_of, common);
 }
 
-template <typename Launcher>
-void fused_rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                   at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList steps,
-                   at::IntArrayRef group_of, const Common& common) {
-  const bool momentum = !momentum_buffers.empty(), centered = !grad_avgs.empty();
-  if (momentum && centered) {
-    fused_launches<Launcher, RMSpropKernel<true, true>>({params, grads, square_avgs, momentum_buffers, grad_avgs},
-                                                        steps, group_of, common);
-  } else if (momentum) {
-    fused_launches<Launcher, RMSpropKernel<true, false>>({params, grads, square_avgs, momentum_buffers}, steps,
-                                                         group_of, common);
-  } else if (centered) {
-    fused_launches<Launcher, RMSpropKernel<false, true>>({params, grads, square_avgs, grad_avgs}, steps, group_of,
-                                                         common);
-  } else {
-    fused_launches<Launcher, RMSpropKernel<false, false>>({params, grads, square_avgs}, steps, group_of, common);
-  }
+template <typename Launcher, typename Rule, size_t... kPresent>
+void fused_dispatch(unsigned present, const FusedCall& call, const Common& common, std::index_sequence<kPresent...>) {
+  // One kernel per combination of optional states: the matching one runs.
+  ((present == kPresent ? fused_present<Launcher, Rule, kPresent>(call, common) : void()), ...);
+}
+
+// An op's body after the argument checks (checks.h).
+template <typename Launcher, typename Rule>
+void fused(const FusedCall& call, const Common& common) {
+  fused_dispatch<Launcher, Rule>(present_optional<Rule>(call), call, common,
+                                 std::make_index_sequence<1u << Rule::kOptionalStates.size()>());
 }
 
 }  // namespace lrfuse::cuda

@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../checks.h"
 #include "fused_call.h"
 
 namespace lrfuse::cuda {
@@ -61,35 +60,18 @@ struct CudaLauncher {
   }
 };
 
-void fused_adam_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList max_exp_avg_sqs, TensorList steps, at::IntArrayRef group_of, const Tensor& hyper,
-                     const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
-  check_fused_args({"fused_adam_", params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                    {{"max_exp_avg_sqs", max_exp_avg_sqs}}, steps, group_of, hyper, adam_col::count,
-                    grad_scale, found_inf});
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  fused_adam<CudaLauncher>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of,
-                           common_of(hyper, grad_scale, found_inf));
-}
-
-void fused_rmsprop_cuda(TensorList params, TensorList grads, TensorList square_avgs, TensorList momentum_buffers,
-                        TensorList grad_avgs, TensorList steps, at::IntArrayRef group_of, const Tensor& hyper,
-                        const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
-  check_fused_args({"fused_rmsprop_", params, grads, {{"square_avgs", square_avgs}},
-                    {{"momentum_buffers", momentum_buffers}, {"grad_avgs", grad_avgs}}, steps, group_of, hyper,
-                    rmsprop_col::count, grad_scale, found_inf});
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  fused_rmsprop<CudaLauncher>(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of,
-                              common_of(hyper, grad_scale, found_inf));
-}
+struct Cuda {
+  template <typename Rule>
+  static void run(const FusedCall& call) {
+    check_call<Rule>(call);
+    if (call.params.empty()) return;
+    const c10::cuda::CUDAGuard guard(call.params[0].device());
+    fused<CudaLauncher, Rule>(call, common_of(call.hyper, call.grad_scale, call.found_inf));
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrfuse, CUDA, m) {
-  m.impl("fused_adam_", &fused_adam_cuda);
-  m.impl("fused_rmsprop_", &fused_rmsprop_cuda);
-}
+TORCH_LIBRARY_IMPL(lrfuse, CUDA, m) { register_rules<Cuda>(m); }
 
 }  // namespace lrfuse::cuda

@@ -1,26 +1,28 @@
-"""The native ops: loading ``lrfuse._C``, typed wrappers, fake kernels, and which backend runs.
+"""The native ops: loading ``lrfuse._C``, the op of each rule, fake kernels, and which backend runs.
 
-``fused_adam_`` and ``fused_rmsprop_`` update every tensor of every parameter group on one
-device in one call. ``hyper`` is a float64 table with one row per group (columns below);
-``group_of[i]`` names the row tensor ``i`` reads. Optional state lists are empty (feature off)
-or hold one tensor per parameter. Without a built extension the wrappers run the pure-PyTorch
-reference in :mod:`lrfuse.ops.reference`, with one warning.
+``torch.ops.lrfuse.fused_<rule>_`` updates every tensor of every parameter group on one device in
+one call, for each rule of :mod:`lrfuse.ops.rules` (adam, rmsprop, sgd, adagrad, adadelta):
+
+    fused_<rule>_(params, grads, *state_lists, [steps,] group_of, hyper, grad_scale=None, found_inf=None)
+
+``hyper`` is a float64 table with one row per group (the rule's columns); ``group_of[i]`` names
+the row tensor ``i`` reads. Optional state lists are empty (feature off) or hold one tensor per
+parameter; ``steps`` is there for rules that count steps. Without a built extension :func:`op`
+runs the pure-PyTorch reference (:mod:`lrfuse.ops.reference`), with one warning.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from lrfuse.ops import reference
+from lrfuse.ops.rules import RULES, Rule
 
-__all__ = ["ADAM_COLUMNS", "RMSPROP_COLUMNS", "backend", "cpu_isa", "fused_adam_", "fused_rmsprop_", "hold_refs"]
-
-# Hyper-table columns; the native side names the same columns in csrc/update_rules.h.
-ADAM_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "decoupled")
-RMSPROP_COLUMNS = ("lr", "alpha", "eps", "weight_decay", "momentum", "maximize")
+__all__ = ["RULES", "Rule", "backend", "cpu_isa", "hold_refs", "op"]
 
 try:
     from lrfuse import _C  # registers torch.ops.lrfuse.*
@@ -75,38 +77,31 @@ def _warn_reference(device: torch.device) -> None:
     )
 
 
-def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of, hyper,
-                grad_scale=None, found_inf=None) -> None:
-    """Adam / AdamW step of every tensor in one call (see the module docstring)."""
-    if backend(hyper.device) == "native":
-        torch.ops.lrfuse.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                                     group_of, hyper, grad_scale, found_inf)
-    else:
-        _warn_reference(hyper.device)
-        reference.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of,
-                              hyper, grad_scale, found_inf)
+def op(name: str) -> Callable[..., None]:
+    """The fused op of rule ``name``, with the native op's arguments: the native kernels where
+    they serve the device (:func:`backend`), else the reference."""
+    rule = RULES[name]
+    native_name = f"fused_{name}_"
+    n = len(rule.all_states)
 
+    def fused(params, grads, *rest) -> None:
+        device = rest[n + rule.counts_steps + 1].device  # hyper
+        if backend(device) == "native":
+            getattr(torch.ops.lrfuse, native_name)(params, grads, *rest)
+            return
+        _warn_reference(device)
+        steps = rest[n] if rule.counts_steps else None
+        group_of, hyper, *scaling = rest[n + rule.counts_steps:]
+        reference.fused(rule, params, grads, list(rest[:n]), steps, group_of, hyper, *scaling)
 
-def fused_rmsprop_(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of, hyper,
-                   grad_scale=None, found_inf=None) -> None:
-    """RMSprop step of every tensor in one call (see the module docstring)."""
-    if backend(hyper.device) == "native":
-        torch.ops.lrfuse.fused_rmsprop_(params, grads, square_avgs, momentum_buffers, grad_avgs, steps,
-                                        group_of, hyper, grad_scale, found_inf)
-    else:
-        _warn_reference(hyper.device)
-        reference.fused_rmsprop_(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of,
-                                 hyper, grad_scale, found_inf)
+    fused.__name__ = fused.__qualname__ = native_name
+    return fused
 
 
 if _C is not None:
     # The ops mutate their inputs and return nothing, so tracing needs no shapes from them.
-    @torch.library.register_fake("lrfuse::fused_adam_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_of, hyper,
-          grad_scale=None, found_inf=None) -> None:
+    def _fake(*args, **kwargs) -> None:
         return None
 
-    @torch.library.register_fake("lrfuse::fused_rmsprop_")
-    def _(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, group_of, hyper,
-          grad_scale=None, found_inf=None) -> None:
-        return None
+    for _name in RULES:
+        torch.library.register_fake(f"lrfuse::fused_{_name}_", _fake)

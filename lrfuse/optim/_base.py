@@ -1,10 +1,11 @@
-"""The fused step shared by FusedAdam, FusedAdamW and FusedRMSprop.
+"""The fused step shared by every fused optimizer.
 
 Each fused class is ``FusedX(_FusedStep, torch.optim.X)``: the torch class gives the constructor,
 defaults, validation, ``param_groups`` and ``state_dict`` layout, so they are torch's by
 construction; this mixin replaces ``step`` with one native call per device that covers every
 parameter group. Per-group values reach the kernel through a float64 hyper table, one row per
-group (columns in :mod:`lrfuse.ops`), so a changed learning rate costs nothing but a row.
+group (the rule's columns, :mod:`lrfuse.ops.rules`), so a changed learning rate costs nothing but
+a row. A fused class names its rule and says how a group becomes a row; the rest is here.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ _GRAD_SCALER = "torch.amp.grad_scaler"
 class _FusedStep:
     """Mixed in before a ``torch.optim`` class; subclasses set the class attributes below."""
 
-    _op: Callable[..., None]                # lrfuse.ops.fused_*_
-    _columns: tuple[str, ...]               # hyper-table columns, in the op's order
+    _rule: ops.Rule                         # columns, state keys, whether it counts steps
+    _op: Callable[..., None]                # ops.op(rule name): the native op or its reference
     _row_keys: tuple[str, ...]              # the group keys a hyper-table row is made from
-    _state_keys: tuple[str, ...]            # always present, in the op's order
-    _optional_state_keys: tuple[str, ...]   # present when _uses() says so, in the op's order
+    # SGD: the hyper table holds a second copy of each group's row with first_step = 1, which
+    # tensors whose momentum buffer is new read (see csrc/rules/sgd.h).
+    _first_step_rows = False
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -56,20 +58,28 @@ class _FusedStep:
         pass  # torch's __init__ sets it for fused=True; the answer above does not depend on it
 
     @property
+    def _state_keys(self) -> tuple[str, ...]:
+        return self._rule.states
+
+    @property
     def _all_state_keys(self) -> tuple[str, ...]:
-        return self._state_keys + self._optional_state_keys
+        return self._rule.all_states
 
     @property
     def _torch_name(self) -> str:
         return next(b.__name__ for b in type(self).__mro__ if b.__module__.startswith("torch.optim"))
 
     def _row(self, values: tuple) -> list:
-        """The hyper-table row, in ``_columns`` order, of a group's ``_row_keys`` values."""
+        """The hyper-table row, in the rule's column order, of a group's ``_row_keys`` values."""
         raise NotImplementedError
 
     def _uses(self, group: dict) -> tuple[bool, ...]:
-        """Which optional state keys the group keeps."""
-        raise NotImplementedError
+        """Which optional state keys the group keeps (none by default)."""
+        return ()
+
+    def _initial_state(self, key: str, p: Tensor, group: dict) -> Tensor:
+        """A new state tensor ``key`` for ``p`` (zeros, as torch starts most state)."""
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def __init__(self, params, *args, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
@@ -119,7 +129,7 @@ class _FusedStep:
         name = type(self).__name__
         for g, group in enumerate(self.param_groups):
             active = (True,) * len(self._state_keys) + self._uses(group)
-            needed = ["step", *(k for k, on in zip(self._all_state_keys, active) if on)]
+            needed = ["step"] * self._rule.counts_steps + [k for k, on in zip(self._all_state_keys, active) if on]
             for j, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if not state:
@@ -130,7 +140,7 @@ class _FusedStep:
                         raise ValueError(
                             f"{name}.load_state_dict: the state of parameter {j} of group {g} has no {key!r} "
                             f"(it has {sorted(state)}); pass a state_dict saved by {name} or torch.optim."
-                            f"{self._torch_name} with the same settings (amsgrad, momentum, centered)")
+                            f"{self._torch_name} with the same settings (amsgrad, momentum, centered, ...)")
                     if key != "step" and (not isinstance(value, Tensor) or value.shape != p.shape):
                         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                         raise ValueError(
@@ -148,13 +158,21 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls, grads = self._calls()
+        plan, grads = self._plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for (device, uses), call in calls.items():
+        if plan.first_steps and found_inf is not None and bool(found_inf.item()):
+            # GradScaler skips this step. torch's SGD never sees a skipped step, so the momentum
+            # buffers made for it must stay absent: the next step starts them from its gradient.
+            # (A host sync, on the first steps of SGD with momentum under a GradScaler only.)
+            for state, key in plan.first_steps:
+                del state[key]
+            return loss
+        for (device, uses), call in plan.calls.items():
+            steps = (call.steps,) if self._rule.counts_steps else ()
             try:
                 type(self)._op(
-                    call.params, call.grads, *call.states, call.steps, call.group_of, self._hyper(device),
+                    call.params, call.grads, *call.states, *steps, call.group_of, self._hyper(device),
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
                 )
@@ -167,7 +185,7 @@ class _FusedStep:
                 self._copy_back_complex(call)
         return loss
 
-    def _calls(self) -> tuple[dict[tuple[torch.device, tuple[bool, ...]], Call], list[Tensor | None]]:
+    def _plan(self) -> tuple[Plan, list[Tensor | None]]:
         """The native calls of this step, and the gradients of every parameter in group order.
 
         Building the calls costs microseconds per tensor, so the plan is kept (:class:`StepCache`)
@@ -176,7 +194,7 @@ class _FusedStep:
         """
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
             grads = [p.grad for group in self.param_groups for p in group["params"]]
-            return self._build(grads).calls, grads
+            return self._build(grads), grads
         params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
         grads = list(map(_grad_of, params))
         key = (id(self.state), tuple((len(g["params"]), self._uses(g), bool(g.get("capturable")))
@@ -185,13 +203,14 @@ class _FusedStep:
         plan = self._cache.kept_plan(key, params, has_grad, self.state.values())
         if plan is None:
             plan = self._build(grads)
-            self._cache.keep(plan, key, params, has_grad, self.state.values())
-            return plan.calls, grads
+            if not plan.first_steps:  # after this step they are first steps no more
+                self._cache.keep(plan, key, params, has_grad, self.state.values())
+            return plan, grads
         if not plan.checked_natively:
             self._check_grads(grads)
         for call in plan.calls.values():
             call.refresh(grads)
-        return plan.calls, grads
+        return plan, grads
 
     def _check_grads(self, grads: list[Tensor | None]) -> None:
         """Raises before anything is modified if a gradient cannot be applied."""
@@ -225,13 +244,18 @@ class _FusedStep:
         if not compiling:  # dynamo may set capturable itself, as torch's own check assumes
             self._check_capturable(grads)
         calls: dict[tuple[torch.device, tuple[bool, ...]], Call] = {}
+        first_steps: list[tuple[dict, str]] = []
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
             if grad is None:
                 continue
-            uses = self._uses(self.param_groups[g])
+            group = self.param_groups[g]
+            uses = self._uses(group)
             active = (True,) * len(self._state_keys) + uses
-            state = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on])
+            state, created = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on], group)
+            first_step = self._first_step_rows and bool(created)
+            if first_step:
+                first_steps.extend((state, key) for key in created)
             call = calls.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
@@ -243,8 +267,9 @@ class _FusedStep:
             for lst, key in zip(call.states, keys):
                 if key is not None:
                     lst.append(unwrap(state[key]))
-            call.steps.append(state["step"])
-            call.group_of.append(g)
+            if self._rule.counts_steps:
+                call.steps.append(state["step"])
+            call.group_of.append(g + len(self.param_groups) if first_step else g)
             call.grad_index.append(j)
             if isinstance(p, DTensor) or p.is_complex():
                 call.wrapped.append((k, p, state, keys))
@@ -258,7 +283,7 @@ class _FusedStep:
         for call in calls.values():
             call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.wrapped
         native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
-        return Plan(calls=calls, checked_natively=native)
+        return Plan(calls=calls, checked_natively=native, first_steps=first_steps)
 
     @staticmethod
     def _copy_back_complex(call: Call) -> None:
@@ -270,23 +295,27 @@ class _FusedStep:
                     if key is not None:
                         state[key].copy_(torch.view_as_complex(lst[k]))
 
-    def _state_for(self, p: Tensor, keys: Sequence[str]) -> dict:
-        """The parameter's state with `step` and ``keys``, created as torch would (a DTensor
-        parameter gets DTensor state, its `step` a plain tensor)."""
+    def _state_for(self, p: Tensor, keys: Sequence[str], group: dict) -> tuple[dict, list[str]]:
+        """The parameter's state with `step` (when the rule counts steps) and ``keys``, created as
+        torch would (a DTensor parameter gets DTensor state, its `step` a plain tensor), and which
+        of ``keys`` were created."""
+        if not keys and not self._rule.counts_steps:
+            return self.state.get(p, {}), []  # torch's SGD without momentum keeps no state
         state = self.state[p]
-        step = state.get("step")
-        if step is None:
-            state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
-        elif not (isinstance(step, Tensor) and step.device == p.device
-                  and step.dtype in (torch.float32, torch.float64) and not isinstance(step, DTensor)):
-            # torch keeps `step` on the CPU for its for-loop path; the kernel reads it on the device.
-            dtype = step.dtype if isinstance(step, Tensor) and step.dtype == torch.float64 else _step_dtype()
-            state["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,
-                                            dtype=dtype).to(p.device)
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        if self._rule.counts_steps:
+            step = state.get("step")
+            if step is None:
+                state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device)
+            elif not (isinstance(step, Tensor) and step.device == p.device
+                      and step.dtype in (torch.float32, torch.float64) and not isinstance(step, DTensor)):
+                # torch keeps `step` on the CPU for its for-loop path; the kernel reads it on the device.
+                dtype = step.dtype if isinstance(step, Tensor) and step.dtype == torch.float64 else _step_dtype()
+                state["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,
+                                                dtype=dtype).to(p.device)
+        created = [key for key in keys if key not in state]
+        for key in created:
+            state[key] = self._initial_state(key, p, group)
+        return state, created
 
     def _hyper(self, device: torch.device) -> Tensor:
         """The hyper table on ``device`` (:meth:`StepCache.hyper`) for the groups as they are now."""
@@ -295,4 +324,6 @@ class _FusedStep:
             sources = [tuple(g[k] for k in self._row_keys) for g in self.param_groups]
         else:
             sources = list(map(operator.itemgetter(*self._row_keys), self.param_groups))
+        if self._first_step_rows:
+            sources += [(*values, True) for values in sources]
         return self._cache.hyper(device, sources, self._row, compiling)

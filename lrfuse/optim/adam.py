@@ -11,11 +11,8 @@ __all__ = ["FusedAdam", "FusedAdamW"]
 
 
 class _AdamStep(_FusedStep):
-    _op = staticmethod(ops.fused_adam_)
-    _columns = ops.ADAM_COLUMNS
-    _state_keys = ("exp_avg", "exp_avg_sq")
-    _optional_state_keys = ("max_exp_avg_sq",)
-
+    _rule = ops.RULES["adam"]
+    _op = staticmethod(ops.op("adam"))
     _row_keys = ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay")
 
     def _row(self, values: tuple) -> list:

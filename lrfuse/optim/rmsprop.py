@@ -26,11 +26,8 @@ class FusedRMSprop(_FusedStep, torch.optim.RMSprop):
     ``foreach`` is accepted and ignored; ``differentiable=True`` is not supported.
     """
 
-    _op = staticmethod(ops.fused_rmsprop_)
-    _columns = ops.RMSPROP_COLUMNS
-    _state_keys = ("square_avg",)
-    _optional_state_keys = ("momentum_buffer", "grad_avg")
-
+    _rule = ops.RULES["rmsprop"]
+    _op = staticmethod(ops.op("rmsprop"))
     _row_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "maximize")
 
     def _row(self, values: tuple) -> list:

@@ -1,0 +1,124 @@
+// The fused op of a rule (rules/rule.h), as every backend sees it: its schema, its arguments
+// gathered in one struct, and the typed kernel signature the dispatcher calls, generated from
+// the rule's lists so that no backend writes an algorithm's argument list out.
+//
+//   fused_<name>_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] <state>, ...,
+//                 Tensor(x!)[] steps, int[] group_of, Tensor hyper,
+//                 Tensor? grad_scale=None, Tensor? found_inf=None) -> ()
+//
+// (`steps` only for rules that count steps.) `group_of[i]` is the row of `hyper` (float64, one
+// row per group, the rule's columns) that tensor i reads, so groups with different learning rates
+// share the call. Optional state lists are empty (the feature is off) or hold one tensor per
+// parameter.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "checks.h"
+#include "rules/all.h"
+
+namespace lrfuse {
+
+constexpr int kMaxStates = 3;
+
+// One call's arguments. `states` in the rule's order: kStates, then kOptionalStates.
+struct FusedCall {
+  at::TensorList params, grads;
+  std::array<at::TensorList, kMaxStates> states;
+  at::TensorList steps;  // empty for a rule that keeps no step
+  at::IntArrayRef group_of;
+  const at::Tensor& hyper;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+template <typename Rule>
+std::string op_name() {
+  return std::string("fused_") + Rule::kName + "_";
+}
+
+template <typename Rule>
+std::string schema() {
+  static_assert(num_states<Rule>() <= kMaxStates, "raise kMaxStates");
+  std::string s = op_name<Rule>() + "(Tensor(a!)[] params, Tensor[] grads, ";
+  char alias = 'b';
+  for (const char* name : Rule::kStates) s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
+  for (const char* name : Rule::kOptionalStates) s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
+  if (Rule::kCountsSteps) s += std::string("Tensor(") + alias++ + "!)[] steps, ";
+  return s + "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()";
+}
+
+// The argument checks of checks.h, named after the rule's lists.
+template <typename Rule>
+void check_call(const FusedCall& call) {
+  FusedArgs args{nullptr, call.params, call.grads, {}, {}, call.steps, Rule::kCountsSteps, call.group_of,
+                 call.hyper, Rule::kColumns, call.grad_scale, call.found_inf};
+  const std::string name = op_name<Rule>();
+  args.op = name.c_str();
+  int k = 0;
+  for (const char* state : Rule::kStates) args.states.push_back({state, call.states[k++]});
+  for (const char* state : Rule::kOptionalStates) args.optional_states.push_back({state, call.states[k++]});
+  check_fused_args(args);
+}
+
+// Which optional states a call carries: bit k set when optional list k is not empty.
+template <typename Rule>
+unsigned present_optional(const FusedCall& call) {
+  unsigned mask = 0, bit = 1;
+  size_t k = Rule::kStates.size();
+  for ([[maybe_unused]] const char* name : Rule::kOptionalStates) {
+    if (!call.states[k++].empty()) mask |= bit;
+    bit <<= 1;
+  }
+  return mask;
+}
+
+// Whether state k of a rule is present under flag bits `flags` (required states always are).
+template <typename Rule>
+constexpr bool state_present(unsigned flags, int k) {
+  const int required = static_cast<int>(Rule::kStates.size());
+  return k < required || (flags >> (k - required)) & 1u;
+}
+
+// The typed kernel the dispatcher calls: `Backend::template run<Rule>(FusedCall)` behind the
+// rule's signature (one TensorList per state, `steps` when the rule counts them).
+template <typename Rule, typename Backend, typename = std::make_index_sequence<num_states<Rule>()>>
+struct Kernel;
+
+template <typename Rule, typename Backend, size_t... I>
+struct Kernel<Rule, Backend, std::index_sequence<I...>> {
+  template <size_t>
+  using List = at::TensorList;
+
+  static void with_steps(at::TensorList params, at::TensorList grads, List<I>... states, at::TensorList steps,
+                         at::IntArrayRef group_of, const at::Tensor& hyper,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    Backend::template run<Rule>(FusedCall{params, grads, {states...}, steps, group_of, hyper, grad_scale, found_inf});
+  }
+
+  static void without_steps(at::TensorList params, at::TensorList grads, List<I>... states, at::IntArrayRef group_of,
+                            const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+    Backend::template run<Rule>(FusedCall{params, grads, {states...}, {}, group_of, hyper, grad_scale, found_inf});
+  }
+
+  static auto function() {
+    if constexpr (Rule::kCountsSteps) return &with_steps;
+    else return &without_steps;
+  }
+};
+
+// m.impl of every rule's op for one backend.
+template <typename Backend, typename Library>
+void register_rules(Library& m) {
+#define LRFUSE_IMPL(Rule) m.impl(op_name<Rule>().c_str(), Kernel<Rule, Backend>::function());
+  LRFUSE_RULES(LRFUSE_IMPL)
+#undef LRFUSE_IMPL
+}
+
+}  // namespace lrfuse

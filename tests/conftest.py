@@ -1,0 +1,56 @@
+"""Fixtures shared by the optimizer tests: where the fused step runs (``backend``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from lrfuse import ops
+from parity import ALGORITHMS, needs_cuda
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator(tmp_path_factory):
+    """tests/cuda_emulator.cpp, compiled against the torch in use (~1 min, once per session)."""
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("building the CUDA emulator needs ninja")
+    root = Path(__file__).resolve().parents[1]
+    return cpp_extension.load(name="lrfuse_cuda_emulator", sources=[str(root / "tests" / "cuda_emulator.cpp")],
+                              extra_include_paths=[str(root / "csrc")], extra_cflags=["-O2"],
+                              build_directory=str(tmp_path_factory.mktemp("cuda_emulator")))
+
+
+def emulated_op(emulator, rule: ops.Rule):
+    """``rule``'s op with the native op's arguments, run by the CUDA backend's code on the host."""
+    n = len(rule.all_states)
+
+    def op(params, grads, *rest):
+        steps = rest[n] if rule.counts_steps else []
+        group_of, hyper, grad_scale, found_inf = rest[n + rule.counts_steps:]
+        emulator.fused(rule.name, params, grads, list(rest[:n]), steps, group_of, hyper, grad_scale, found_inf)
+
+    return op
+
+
+@pytest.fixture(params=["native", "reference", "emulated", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])])
+def backend(request, monkeypatch) -> torch.device:
+    """Where the fused step runs; the device to put tensors on.
+
+    native: lrfuse's CPU kernels. reference: the pure-PyTorch path. emulated: the CUDA backend's
+    own code, from tensor lists to launches (csrc/cuda/fused_call.h) and of each block
+    (csrc/cuda/kernels.h), built for the host by tests/cuda_emulator.cpp and run on CPU tensors
+    block after block. cuda: the GPU.
+    """
+    if request.param == "cuda":
+        return torch.device("cuda", 0)
+    if request.param == "native" and ops.backend("cpu") != "native":
+        pytest.skip("lrfuse._C is not built")
+    monkeypatch.setattr(ops, "_forced", "reference" if request.param == "reference" else None)
+    if request.param == "emulated":
+        emulator = request.getfixturevalue("cuda_emulator")
+        for algorithm in ALGORITHMS.values():
+            monkeypatch.setattr(algorithm.fused, "_op", staticmethod(emulated_op(emulator, ops.RULES[algorithm.rule])))
+    return torch.device("cpu")
