@@ -6,16 +6,21 @@ with Lightning's (``Tuner(trainer).lr_find``, its steepest-gradient suggestion),
 same range (1e-5 .. 1, 100 steps) from the same seeded initial weights and batch order. Each
 suggestion is then trained at the dataset's fixed budget (the same number of steps for every run
 of a dataset) under two protocols: a constant LR, and linear warm-up (10% of the steps) then
-cosine to 0. The reference is a 10-point log grid (1e-5 .. 1) trained the same way: the grid's
+cosine to 0. ``lrfuse:auto+schedule`` is what ``LRFinder`` does by default: it reads the
+``LRSchedule`` callback of its trainer (the sweep runs in a trainer holding the warm-up + cosine
+protocol's), and its suggestion is that schedule's peak; under the constant protocol there is no
+schedule and it is ``lrfuse:auto``'s LR. ``lrfuse:auto+schedule-nocap`` is the ablation without
+the cap at the loss minimum. The reference is a 10-point log grid (1e-5 .. 1) trained the same way: the grid's
 best validation score. Reported per method, per dataset and pooled: the median and worst gap to
 the grid's best (points), the share of (seed, protocol) cases within 1 point, the spread of the
-suggestion across seeds (std of log10 lr, decades), its bias against the grid's best LR, the cost
+suggestion across seeds (std of log10 lr, decades, per protocol, the worse one), its bias against the grid's best LR, the cost
 in training steps, and silent failures (no suggestion, or a suggestion within a decade of the
 sweep's minimum LR).
 
     python benchmarks/finder_quality.py                 # the full run (6 seeds, 5 datasets)
     python benchmarks/finder_quality.py --smoke         # CI: 1 dataset, 1 seed, tiny budget
     python benchmarks/finder_quality.py --datasets digits,friedman --seeds 0 1 2 --json out.json
+    python benchmarks/finder_quality.py --merge a.json b.json --json all.json   # runs made side by side
 
 Datasets (bundled with scikit-learn or generated; nothing is downloaded):
 
@@ -63,7 +68,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 LRFUSE_METHODS = ("auto", "steepest", "valley", "min10")
-METHODS = tuple(f"lrfuse:{m}" for m in LRFUSE_METHODS) + ("lightning",)
+# Schedule-aware: LRFinder's default, which reads the LRSchedule callback of its trainer (none under
+# the constant protocol, so the same LR as lrfuse:auto there). "-nocap": the ablation without the
+# cap at the loss minimum (constant pick / mean factor alone), benchmark-only.
+SCHEDULE_METHODS = ("lrfuse:auto+schedule", "lrfuse:auto+schedule-nocap")
+METHODS = tuple(f"lrfuse:{m}" for m in LRFUSE_METHODS) + SCHEDULE_METHODS + ("lightning",)
 PROTOCOLS = ("constant", "warmup_cosine")
 GRID_RANGE = (1e-5, 1.0)
 FALLBACK_LR = 1e-3  # the model's LR, kept when a finder makes no suggestion
@@ -177,17 +186,24 @@ class Case:
                           generator=gen)
 
 
+def protocol_schedule(protocol: str, steps: int):
+    """``(LRSchedule callback, its factor function)`` of a protocol; ``(None, constant)`` for constant."""
+    from lrfuse.lightning import LRSchedule
+    from lrfuse.schedules import make_schedule
+
+    if protocol == "constant":
+        return None, make_schedule("constant")
+    kwargs = dict(total_steps=steps, warmup_steps=max(1, steps // 10))
+    return LRSchedule("cosine", **kwargs), make_schedule("cosine", **kwargs)
+
+
 def train(case: Case, lr: float, protocol: str, steps: int) -> float:
     """Train ``steps`` steps of FusedAdam at peak ``lr`` under ``protocol``; the validation score."""
     import lrfuse
-    from lrfuse.schedules import make_schedule
 
     net = case.net()
     opt = lrfuse.FusedAdam(net.parameters(), lr=lr)
-    if protocol == "constant":
-        sched = make_schedule("constant")
-    else:
-        sched = make_schedule("cosine", total_steps=steps, warmup_steps=max(1, steps // 10))
+    _, sched = protocol_schedule(protocol, steps)
     loader = case.loader()
     t = 0
     while t < steps:
@@ -236,17 +252,30 @@ def _trainer(root: str, **kwargs):
                       default_root_dir=root, **kwargs)
 
 
-def run_lrfuse(case: Case, finder: dict, root: str) -> tuple[dict[str, float | None], int]:
-    """One lrfuse sweep; the suggestion of every method from its curve, and the steps it took."""
+def run_lrfuse(case: Case, finder: dict, root: str, steps: int) -> tuple[dict[str, dict[str, float | None]], int]:
+    """One lrfuse sweep; per protocol, the suggestion of every method from its curve, and the steps it took.
+
+    The sweep runs in a trainer holding the warm-up + cosine protocol's ``LRSchedule`` callback, so
+    ``find_lr``'s own suggestion is the schedule-aware one (the finder detects the callback); the
+    schedule-blind methods are read from the same curve with ``schedule_mean=1``.
+    """
     import lightning.pytorch as pl
 
     from lrfuse import find_lr
+    from lrfuse.schedules import mean_factor
 
     pl.seed_everything(case.seed, verbose=False)
-    result = find_lr(_trainer(root, max_epochs=1), _module(case), train_dataloaders=case.loader(), **finder)
-    lrs = {m: result.suggest(m).lr for m in LRFUSE_METHODS}
-    assert lrs["auto"] == result.lr
-    return lrs, len(result.lrs)
+    callback, fn = protocol_schedule("warmup_cosine", steps)
+    result = find_lr(_trainer(root, max_epochs=1, callbacks=[callback]), _module(case),
+                     train_dataloaders=case.loader(), **finder)
+    mean = mean_factor(fn, steps)
+    assert result.schedule_mean == mean and result.suggest("auto").lr == result.lr
+    blind = {f"lrfuse:{m}": result.suggest(m, schedule_mean=1.0).lr for m in LRFUSE_METHODS}
+    auto = blind["lrfuse:auto"]
+    out = {"constant": {**blind, "lrfuse:auto+schedule": auto, "lrfuse:auto+schedule-nocap": auto},
+           "warmup_cosine": {**blind, "lrfuse:auto+schedule": result.lr,
+                             "lrfuse:auto+schedule-nocap": None if auto is None else auto / mean}}
+    return out, len(result.lrs)
 
 
 def run_lightning(case: Case, finder: dict, root: str) -> tuple[float | None, int]:
@@ -274,11 +303,11 @@ def run_case(spec: Spec, seed: int, grid: np.ndarray, finder: dict, steps: int, 
         return cache[key]
 
     t0 = time.perf_counter()
-    suggestions, lrfuse_steps = run_lrfuse(case, finder, root)
+    suggestions, lrfuse_steps = run_lrfuse(case, finder, root, steps)
     light, light_steps = run_lightning(case, finder, root)
-    suggestions["lightning"] = light
-    finder_steps = {**{f"lrfuse:{m}": lrfuse_steps for m in LRFUSE_METHODS}, "lightning": light_steps}
-    suggestions = {(k if k == "lightning" else f"lrfuse:{k}"): v for k, v in suggestions.items()}
+    for protocol in PROTOCOLS:
+        suggestions[protocol]["lightning"] = light
+    finder_steps = {m: light_steps if m == "lightning" else lrfuse_steps for m in METHODS}
     t1 = time.perf_counter()
     out = {"dataset": spec.name, "seed": seed, "steps": steps, "suggested": suggestions,
            "finder_steps": finder_steps, "protocols": {}}
@@ -287,7 +316,7 @@ def run_case(spec: Spec, seed: int, grid: np.ndarray, finder: dict, steps: int, 
         best_i = int(np.argmax(grid_scores))
         methods = {}
         for m in METHODS:
-            lr = suggestions[m]
+            lr = suggestions[protocol][m]
             failure = None
             if lr is None:
                 failure = "none"
@@ -324,9 +353,10 @@ def summarize(cases: list[dict], methods=METHODS) -> dict:
             cost.append(c["finder_steps"][m] / c["grid_steps"])
             cost_total.append((c["finder_steps"][m] + c["steps"]) / c["grid_steps"])
         spreads = {}
-        for d in datasets:
-            logs = [math.log10(c["suggested"][m]) for c in cases if c["dataset"] == d and c["suggested"][m]]
-            spreads[d] = float(np.std(logs)) if len(logs) > 1 else 0.0
+        for d in datasets:  # the worst protocol: a schedule-aware suggestion differs between them
+            per_protocol = [[math.log10(c["suggested"][p][m]) for c in cases if c["dataset"] == d
+                             and p in c["protocols"] and c["suggested"][p][m]] for p in PROTOCOLS]
+            spreads[d] = max(float(np.std(logs)) if len(logs) > 1 else 0.0 for logs in per_protocol)
         out[m] = {"cases": n_cases, "median_gap": float(np.median(gaps)), "worst_gap": float(np.max(gaps)),
                   "mean_gap": float(np.mean(gaps)), "within1": float(np.mean(within)),
                   "spread": max(spreads.values()), "spread_by_dataset": spreads,
@@ -398,6 +428,27 @@ def _only(case: dict, protocol: str) -> dict:
     return {**case, "protocols": {protocol: case["protocols"][protocol]}}
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """Report the cases of several runs (same grid, finder and budgets) as one."""
+    runs = [json.load(open(p)) for p in paths]
+    keys = ("grid", "finder", "batch", "threads")
+    for run in runs[1:]:
+        if any(run["meta"][k] != runs[0]["meta"][k] for k in keys):
+            raise SystemExit(f"--merge: the runs differ in {', '.join(k for k in keys if run['meta'][k] != runs[0]['meta'][k])}")
+    cases = [c for run in runs for c in run["cases"]]
+    table, summary = report(cases)
+    print(table)
+    meta = {**runs[0]["meta"], "merged": [r["meta"]["argv"] for r in runs],
+            "seconds": sum(r["meta"]["seconds"] for r in runs), "wall_seconds": max(r["meta"]["seconds"] for r in runs),
+            "datasets": list(dict.fromkeys(d for r in runs for d in r["meta"]["datasets"])),
+            "seeds": {d: sorted({c["seed"] for c in cases if c["dataset"] == d}) for d in {c["dataset"] for c in cases}},
+            "steps": {k: v for r in runs for k, v in r["meta"]["steps"].items()}}
+    if out:
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "summary": summary, "cases": cases, "table": table}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="1 dataset, 1 seed, tiny budget, 4 grid points (CI)")
@@ -408,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finder-steps", type=int, default=None, help="range-test steps (default 100)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "finder_quality.json"))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="report the cases of earlier runs' JSON files together (e.g. one run per dataset, "
+                             "run side by side) instead of running")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
 
     datasets = (args.datasets.split(",") if args.datasets else (["digits"] if args.smoke else list(SPECS)))
     unknown = [d for d in datasets if d not in SPECS]
@@ -439,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 c = run_case(spec, seed, grid, finder, steps, root)
                 cases.append(c)
-                sug = "  ".join(f"{m} {v:.2g}" if v else f"{m} -" for m, v in c["suggested"].items())
+                sug = "  ".join(f"{m} {v:.2g}" if v else f"{m} -" for m, v in c["suggested"]["constant"].items()
+                                if m not in SCHEDULE_METHODS)
+                aware = c["suggested"]["warmup_cosine"]["lrfuse:auto+schedule"]
+                sug += f"  auto+schedule (warmup_cosine) {aware:.2g}" if aware else "  auto+schedule -"
                 best = "  ".join(f"{p} {c['protocols'][p]['best_lr']:.0e}:{c['protocols'][p]['best_score']:.1f}"
                                  for p in PROTOCOLS)
                 print(f"{d} seed {seed}: {sug} | grid best {best} | "

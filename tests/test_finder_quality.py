@@ -32,8 +32,13 @@ def test_smoke_mode_reports_every_method_and_protocol(tmp_path, capsys):
     result = json.loads(out.read_text())
     (case,) = result["cases"]
     assert case["dataset"] == "digits" and case["seed"] == 0
-    assert set(case["suggested"]) == set(fq.METHODS)
-    assert set(case["protocols"]) == set(fq.PROTOCOLS)
+    assert set(case["suggested"]) == set(case["protocols"]) == set(fq.PROTOCOLS)
+    assert all(set(s) == set(fq.METHODS) for s in case["suggested"].values())
+    # No schedule under the constant protocol: the schedule-aware default is the plain suggestion there,
+    # and the peak of warm-up + cosine (mean factor 0.5) lies above it.
+    constant, cosine = case["suggested"]["constant"], case["suggested"]["warmup_cosine"]
+    assert constant["lrfuse:auto+schedule"] == constant["lrfuse:auto"] == cosine["lrfuse:auto"]
+    assert cosine["lrfuse:auto"] < cosine["lrfuse:auto+schedule"] <= cosine["lrfuse:auto+schedule-nocap"]
     for p in case["protocols"].values():
         assert len(p["grid"]) == 4
         assert p["best_score"] == max(s for _, s in p["grid"])
@@ -55,6 +60,12 @@ def test_smoke_mode_reports_every_method_and_protocol(tmp_path, capsys):
     second = json.loads(again.read_text())["cases"][0]
     assert second["suggested"] == case["suggested"]
     assert second["protocols"] == case["protocols"]
+
+    # Runs made side by side (one per dataset) are reported together.
+    merged = tmp_path / "merged.json"
+    assert fq.main(["--merge", str(out), str(again), "--json", str(merged)]) == 0
+    both = json.loads(merged.read_text())
+    assert len(both["cases"]) == 2 and both["summary"]["pooled"]["lrfuse:auto"]["cases"] == 4
 
 
 def test_unknown_dataset_is_rejected():
