@@ -140,3 +140,34 @@ def test_step_hooks_run():
 def test_compiled_step_does_not_recompile_when_lr_changes():
     torch.manual_seed(0)
     run_compiled_with_lr_changes([leaf(torch.randn(6, 4)), leaf(torch.randn(4))])
+
+
+def test_grad_scaler_skip_before_sgd_momentum_starts_leaves_no_buffer():
+    """A first SGD step that GradScaler skips (inf gradient) creates no momentum buffer, as torch's
+    for-loop never sees it; the next step starts the buffer from its gradient, as torch's does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    ref_model = torch.nn.Linear(4, 2)
+    ref_model.load_state_dict(model.state_dict())
+    opt = lrfuse.FusedSGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert len(opt.state) == 0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    for _ in range(3):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        scaler.scale(model(x).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_model(x).sum().backward()
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])

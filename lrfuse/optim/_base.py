@@ -165,8 +165,10 @@ class _FusedStep:
             # GradScaler skips this step. torch's SGD never sees a skipped step, so the momentum
             # buffers made for it must stay absent: the next step starts them from its gradient.
             # (A host sync, on the first steps of SGD with momentum under a GradScaler only.)
-            for state, key in plan.first_steps:
-                del state[key]
+            for p, key in plan.first_steps:
+                del self.state[p][key]
+                if not self.state[p]:
+                    del self.state[p]
             return loss
         for (device, uses), call in plan.calls.items():
             steps = (call.steps,) if self._rule.counts_steps else ()
@@ -244,7 +246,7 @@ class _FusedStep:
         if not compiling:  # dynamo may set capturable itself, as torch's own check assumes
             self._check_capturable(grads)
         calls: dict[tuple[torch.device, tuple[bool, ...]], Call] = {}
-        first_steps: list[tuple[dict, str]] = []
+        first_steps: list[tuple[Tensor, str]] = []
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
             if grad is None:
@@ -255,7 +257,7 @@ class _FusedStep:
             state, created = self._state_for(p, [k for k, on in zip(self._all_state_keys, active) if on], group)
             first_step = self._first_step_rows and bool(created)
             if first_step:
-                first_steps.extend((state, key) for key in created)
+                first_steps.extend((p, key) for key in created)
             call = calls.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.

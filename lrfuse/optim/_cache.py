@@ -91,7 +91,7 @@ class Plan:
 
     calls: dict[tuple[torch.device, tuple[bool, ...]], Call]
     checked_natively: bool  # one native call, whose own checks run before any write
-    first_steps: list[tuple[dict, str]] = field(default_factory=list)  # SGD: (state, key) of new momentum buffers
+    first_steps: list[tuple[Tensor, str]] = field(default_factory=list)  # SGD: (param, key) of new momentum buffers
     key: tuple = ()         # (id of the state dict, (size, state layout, capturable) of each group)
     params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
     has_grad: bytes = b""   # which of them had a gradient
