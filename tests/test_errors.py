@@ -99,9 +99,9 @@ def op_args(n=2):
     return dict(
         params=params,
         grads=[torch.randn_like(p) for p in params],
-        exp_avgs=[torch.zeros_like(p) for p in params],
-        exp_avg_sqs=[torch.zeros_like(p) for p in params],
-        max_exp_avg_sqs=[],
+        exp_avg=[torch.zeros_like(p) for p in params],
+        exp_avg_sq=[torch.zeros_like(p) for p in params],
+        max_exp_avg_sq=[],
         steps=[torch.zeros(()) for _ in params],
         group_of=[0] * n,
         hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0]], dtype=torch.float64),
@@ -116,13 +116,13 @@ native = pytest.mark.skipif(lrfuse.ops.backend("cpu") != "native", reason="lrfus
     "change, match",
     [
         (lambda a: a["grads"].pop(), "grads has 1 entries but params has 2; pass one per parameter"),
-        (lambda a: a.update(max_exp_avg_sqs=[torch.zeros(4, 3)]),
-         r"max_exp_avg_sqs has 1 entries; pass none \(feature off\) or one per parameter"),
+        (lambda a: a.update(max_exp_avg_sq=[torch.zeros(4, 3)]),
+         r"max_exp_avg_sq has 1 entries; pass none \(feature off\) or one per parameter"),
         (lambda a: a.update(hyper=a["hyper"].float()), "hyper must be a contiguous float64 table"),
         (lambda a: a["group_of"].__setitem__(1, 3), r"group_of\[1\] is 3 but hyper has 1 rows"),
         (lambda a: a["grads"].__setitem__(1, torch.randn(3, 4)), r"grads\[1\] has shape \[3, 4\] but params\[1\]"),
-        (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(4, 3, dtype=torch.float64)),
-         r"exp_avgs\[0\] is Double but params\[0\] is Float; cast it"),
+        (lambda a: a["exp_avg"].__setitem__(0, torch.zeros(4, 3, dtype=torch.float64)),
+         r"exp_avg\[0\] is Double but params\[0\] is Float; cast it"),
         (lambda a: a["params"].__setitem__(1, a["params"][0]), r"params\[0\] and params\[1\] share memory"),
         (lambda a: a["params"].__setitem__(1, torch.randn(1, 3).expand(4, 3)), "overlapping memory"),
         (lambda a: a["params"].__setitem__(0, torch.randn(4, 3, dtype=torch.complex64)), "view_as_real"),
@@ -152,6 +152,6 @@ def test_expanded_state_updates_nothing(backend, monkeypatch):
     opt.state[b] = {**opt.state[b], "exp_avg": torch.zeros(1).expand(5)}
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
     before = snapshot(opt)
-    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has overlapping memory"):
+    with pytest.raises(RuntimeError, match=r"exp_avg\[1\] has overlapping memory"):
         opt.step()
     assert_unchanged(opt, before)

@@ -28,13 +28,15 @@ def test_python_and_native_rules_agree(name):
 @native
 @pytest.mark.parametrize("name", list(ops.RULES))
 def test_native_schema_is_the_rules(name):
-    """One state list per state key, in order, and `steps` exactly for rules that count them."""
+    """One state list per state key, named after it, in order, and `steps` exactly for rules that
+    count them."""
     rule = ops.RULES[name]
     schema = getattr(torch.ops.lrfuse, f"fused_{name}_").default._schema
     names = [a.name for a in schema.arguments]
     expected = 2 + len(rule.all_states) + rule.counts_steps + 4
     assert len(names) == expected and names[:2] == ["params", "grads"] and names[-4:] == [
         "group_of", "hyper", "grad_scale", "found_inf"]
+    assert names[2:2 + len(rule.all_states)] == list(rule.all_states)
     assert ("steps" in names) == rule.counts_steps
     assert all(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[2:2 + len(rule.all_states)])
 

@@ -7,13 +7,9 @@ import io
 import pytest
 import torch
 
-from parity import FP32, PAIRS, assert_same, clone_like, leaf
+from parity import ALGORITHMS, FP32, PAIRS, assert_same, clone_like, leaf
 
-KWARGS = {
-    "adam": {"amsgrad": True, "weight_decay": 0.01},
-    "adamw": {},
-    "rmsprop": {"momentum": 0.9, "centered": True},
-}
+KWARGS = {name: a.low_precision for name, a in ALGORITHMS.items()}  # every state in use
 
 
 def groups():

@@ -7,7 +7,7 @@ namespace lrfuse {
 
 struct Adadelta {
   static constexpr const char* kName = "adadelta";
-  static constexpr std::array<const char*, 2> kStates{"square_avgs", "acc_deltas"};
+  static constexpr std::array<const char*, 2> kStates{"square_avg", "acc_delta"};
   static constexpr std::array<const char*, 0> kOptionalStates{};
   enum Column : int { lr, rho, eps, weight_decay, maximize, kColumns };
   static constexpr bool kCountsSteps = true;

@@ -7,7 +7,7 @@ namespace lrfuse {
 
 struct Adagrad {
   static constexpr const char* kName = "adagrad";
-  static constexpr std::array<const char*, 1> kStates{"state_sums"};
+  static constexpr std::array<const char*, 1> kStates{"sum"};
   static constexpr std::array<const char*, 0> kOptionalStates{};
   enum Column : int { lr, lr_decay, weight_decay, eps, maximize, kColumns };
   static constexpr bool kCountsSteps = true;

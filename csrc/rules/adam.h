@@ -12,8 +12,8 @@ namespace lrfuse {
 
 struct Adam {
   static constexpr const char* kName = "adam";
-  static constexpr std::array<const char*, 2> kStates{"exp_avgs", "exp_avg_sqs"};
-  static constexpr std::array<const char*, 1> kOptionalStates{"max_exp_avg_sqs"};
+  static constexpr std::array<const char*, 2> kStates{"exp_avg", "exp_avg_sq"};
+  static constexpr std::array<const char*, 1> kOptionalStates{"max_exp_avg_sq"};
   enum Column : int { lr, beta1, beta2, eps, weight_decay, maximize, decoupled, kColumns };
   static constexpr bool kCountsSteps = true;
   enum State : int { exp_avg, exp_avg_sq, max_exp_avg_sq };

@@ -7,8 +7,8 @@ namespace lrfuse {
 
 struct RMSprop {
   static constexpr const char* kName = "rmsprop";
-  static constexpr std::array<const char*, 1> kStates{"square_avgs"};
-  static constexpr std::array<const char*, 2> kOptionalStates{"momentum_buffers", "grad_avgs"};
+  static constexpr std::array<const char*, 1> kStates{"square_avg"};
+  static constexpr std::array<const char*, 2> kOptionalStates{"momentum_buffer", "grad_avg"};
   enum Column : int { lr, alpha, eps, weight_decay, momentum, maximize, kColumns };
   static constexpr bool kCountsSteps = true;
   enum State : int { square_avg, momentum_buffer, grad_avg };

@@ -2,8 +2,9 @@
 //
 // A rule (adam.h, rmsprop.h, ...) is one struct that defines an algorithm once:
 //   kName                       the op is `fused_<kName>_`
-//   kStates, kOptionalStates    the state lists of the op, in order (their argument names); an
-//                               optional list is empty (feature off) or has one tensor per parameter
+//   kStates, kOptionalStates    the state lists of the op, in order, named as torch names the state
+//                               keys; an optional list is empty (feature off) or has one tensor per
+//                               parameter
 //   Column, kColumns            the columns of the per-group float64 hyper table
 //   kCountsSteps                whether the op takes per-tensor `steps` and advances them
 //   Flag                        bit k < kOptionalStates.size(): optional state k is present; the

@@ -13,7 +13,7 @@ namespace lrfuse {
 struct SGD {
   static constexpr const char* kName = "sgd";
   static constexpr std::array<const char*, 0> kStates{};
-  static constexpr std::array<const char*, 1> kOptionalStates{"momentum_buffers"};
+  static constexpr std::array<const char*, 1> kOptionalStates{"momentum_buffer"};
   enum Column : int { lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, kColumns };
   static constexpr bool kCountsSteps = false;
   enum State : int { momentum_buffer };

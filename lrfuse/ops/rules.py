@@ -24,7 +24,7 @@ Reference = Callable[[Tensor, Tensor, list, dict, "float | None"], None]
 class Rule:
     name: str                          # the op is torch.ops.lrfuse.fused_<name>_
     columns: tuple[str, ...]           # the hyper table's columns, in order
-    states: tuple[str, ...]            # optimizer.state keys always kept, in the op's order
+    states: tuple[str, ...]            # optimizer.state keys always kept, in the op's order (its argument names)
     optional_states: tuple[str, ...]   # state keys kept when the group's settings call for them
     counts_steps: bool                 # the op takes `steps` and advances them
     reference: Reference
