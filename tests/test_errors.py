@@ -155,3 +155,17 @@ def test_expanded_state_updates_nothing(backend, monkeypatch):
     with pytest.raises(RuntimeError, match=r"exp_avg\[1\] has overlapping memory"):
         opt.step()
     assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("cls, fix", [(lrfuse.FusedSGD, "use torch.optim.SGD, which does"),
+                                      (lrfuse.FusedAdagrad, "use torch.optim.Adagrad, which does"),
+                                      (lrfuse.FusedAdadelta, "please consider SparseAdam")])
+def test_sparse_gradient_names_the_fix(cls, fix):
+    """torch's SGD and Adagrad take sparse gradients; the fused ones say to use those."""
+    p = leaf(torch.randn(5))
+    before = p.detach().clone()
+    opt = cls([p], lr=0.1)
+    p.grad = torch.randn(5).to_sparse()
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients, {fix}"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

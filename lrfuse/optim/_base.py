@@ -222,7 +222,10 @@ class _FusedStep:
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients, please consider SparseAdam instead")
+                # torch's own message where torch refuses them too; SGD and Adagrad take them in torch.
+                fix = (f"use torch.optim.{self._torch_name}, which does" if self._torch_name in ("SGD", "Adagrad")
+                       else "please consider SparseAdam instead")
+                raise RuntimeError(f"{name} does not support sparse gradients, {fix}")
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
                 raise RuntimeError(
                     f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not "
