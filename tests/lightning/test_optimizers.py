@@ -10,7 +10,9 @@ import torch
 
 import lrfuse
 from lrfuse.lightning import LRFinder, LRHealthMonitor, LRSchedule
-from lrfuse.lightning.cli import build_cli
+
+pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (pip install 'lrfuse[lightning]')")
+from lrfuse.lightning.cli import build_cli  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*will be overridden by `LightningCLI.configure_optimizers`")
 
