@@ -176,18 +176,19 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
                                                rtol=ULP[dtype], atol=1e-6)
 
 
-def run_compiled_with_lr_changes(params: list[torch.Tensor], steps: int = 4) -> None:
-    """FusedAdam's step under ``torch.compile(fullgraph=True)`` with a tensor lr on the parameters'
-    device (what torch recommends for compiled optimizers): a new lr value is seen without a
-    recompile, and parameters and state follow torch.optim.Adam every step. Step 0 runs eagerly to
-    create the state (its creation would otherwise be one more graph)."""
+def run_compiled_with_lr_changes(params: list[torch.Tensor], name: str = "adam", steps: int = 4) -> None:
+    """The fused step of ``name`` under ``torch.compile(fullgraph=True)`` with a tensor lr on the
+    parameters' device (what torch recommends for compiled optimizers): a new lr value is seen
+    without a recompile, and parameters and state follow torch's for-loop every step. Step 0 runs
+    eagerly to create the state (its creation would otherwise be one more graph)."""
+    algorithm = ALGORITHMS[name]
     ref = [clone_like(p) for p in params]
-    opt = lrfuse.FusedAdam(params, lr=torch.tensor(0.01, device=params[0].device))
-    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
+    opt = algorithm.fused(params, lr=torch.tensor(LR[name], device=params[0].device), **algorithm.low_precision)
+    ref_opt = algorithm.torch(ref, lr=LR[name], foreach=False, **algorithm.low_precision)
     torch._dynamo.reset()
     compiled = torch.compile(opt.step, fullgraph=True)
     for step in range(steps):
-        lr = 0.01 * 0.5**step
+        lr = LR[name] * 0.5**step
         opt.param_groups[0]["lr"].fill_(lr)
         ref_opt.param_groups[0]["lr"] = lr
         for p, q in zip(params, ref):

@@ -153,9 +153,11 @@ def test_cuda_graph_replays_a_step_with_a_new_lr():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_compiled_step_does_not_recompile_when_lr_changes():
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_compiled_step_does_not_recompile_when_lr_changes(name):
     torch.manual_seed(6)
-    run_compiled_with_lr_changes([leaf(torch.randn(6, 4, device=DEV)), leaf(torch.randn(2 * CHUNK, device=DEV))])
+    run_compiled_with_lr_changes([leaf(torch.randn(6, 4, device=DEV)), leaf(torch.randn(2 * CHUNK, device=DEV))],
+                                 name)
 
 
 def amp_model(dev: torch.device):

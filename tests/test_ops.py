@@ -139,9 +139,10 @@ def test_step_hooks_run():
 
 
 @native
-def test_compiled_step_does_not_recompile_when_lr_changes():
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "sgd", "adagrad", "adadelta"])
+def test_compiled_step_does_not_recompile_when_lr_changes(name):
     torch.manual_seed(0)
-    run_compiled_with_lr_changes([leaf(torch.randn(6, 4)), leaf(torch.randn(4))])
+    run_compiled_with_lr_changes([leaf(torch.randn(6, 4)), leaf(torch.randn(4))], name)
 
 
 def test_grad_scaler_skip_before_sgd_momentum_starts_leaves_no_buffer():
