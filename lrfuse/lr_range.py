@@ -25,6 +25,12 @@ Suggestion methods:
     where it stops falling. Both landmarks come from the zero-lag smoothed curve, so noise moves
     them little, and an error in either moves the suggestion by only half as much (in log).
 
+For a schedule: the curve is measured at a constant LR, so each method's pick is a constant LR.
+With ``schedule_mean`` (the schedule's mean factor over its peak, :func:`lrfuse.schedules.mean_factor`)
+the suggestion becomes the schedule's *peak*: the pick divided by the mean, so that the LR summed
+over the run is the same, and capped at the LR of the smoothed minimum, past which the sweep saw
+training turn unstable.
+
 Example:
     >>> import math
     >>> result = range_test(lambda lr: 1 - math.tanh(math.log10(lr / 1e-3)) + (lr > 0.3) * 100,
