@@ -172,6 +172,8 @@ def _search(argv: list[str]) -> int:
     parser.add_argument("--max-failures", type=int, default=1)
     parser.add_argument("--storage-path", default=None, help="Tune's results and checkpoints (default ~/ray_results)")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted search --name (in --storage-path), same flags otherwise")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything, unless --seed_everything is given")
     parser.add_argument("--plot", default="lr_search.png", help="where to write the plot ('' for none)")
     parser.add_argument("--save-config", default="", help="write the config to train with here (YAML for lrfuse fit)")
@@ -195,7 +197,7 @@ def _search(argv: list[str]) -> int:
                        mode=args.mode, trainer_kwargs=trainer, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, address=args.address, num_cpus=args.num_cpus,
                        include_dashboard=args.dashboard, storage_path=args.storage_path, name=args.name,
-                       max_failures=args.max_failures)
+                       max_failures=args.max_failures, resume=args.resume)
     if result.finder is not None:
         print(f"finder: {result.finder.summary()}")
     print(result.table())

@@ -125,6 +125,20 @@ class LRSchedule(Callback):
             value *= self.plateau.scale
         return value
 
+    def scale_base_lrs(self, ratio: float) -> None:
+        """Multiply every group's base LR by ``ratio`` (the ratios between groups stay): a new peak
+        for the schedule, e.g. when population-based training perturbs a resumed trial's LR. Applies
+        from the next LR update; before training starts there is nothing to scale (the base LRs are
+        read from the groups then).
+
+        Raises:
+            ValueError: if ``ratio`` is not a finite number > 0.
+        """
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"LRSchedule.scale_base_lrs: ratio must be a finite number > 0, got {ratio}")
+        if self.base_lrs is not None:
+            self.base_lrs = [[base * ratio for base in bases] for bases in self.base_lrs]
+
     def _apply(self, trainer: pl.Trainer, t: int) -> None:
         value = self.factor_at(t)
         for optimizer, bases in zip(trainer.optimizers, self.base_lrs):

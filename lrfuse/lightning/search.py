@@ -18,9 +18,13 @@ non-finite training loss stops the trial and is reported as diverged; the search
   worst quarter copies the weights of the best quarter and perturbs its LR (Tune's PBT).
 
 Every trial starts from the same initial weights and the same data order (the model instance is
-shipped once, or the factory is called after seeding; the RNG is seeded before fit). Each trial
-reports a checksum of its initial weights and of the batches of its first evaluation interval, so
-this is checked, not assumed. The range defaults to the plausible range of the LR finder, run
+shipped once, or the factory is called after seeding; the RNG is seeded before fit), and keeps it
+for the whole run: a trial paused at a race rung, retried, or resumed after Ctrl-C
+(``resume=True``) continues with exactly the batches and RNG draws of an uninterrupted run
+(:class:`_ExactLoader`). Each trial reports a checksum of its initial weights and of the batches of
+its first evaluation interval; with ``audit=True`` also a hash chained over every batch and the
+weights' checksum at every report, so this is checked, not assumed. Under PBT a trial's new LR
+reaches its optimizer, torch schedulers and :class:`~lrfuse.LRSchedule` callbacks alike. The range defaults to the plausible range of the LR finder, run
 first (:func:`lrfuse.lightning.finder.find_lr`). Verdicts (too high / too low / ok) come from an
 :class:`~lrfuse.lightning.health.LRHealthMonitor` attached to every trial.
 """
@@ -29,8 +33,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,11 +51,16 @@ from typing_extensions import override
 
 from lrfuse.lightning.finder import apply_lr, find_lr
 from lrfuse.lightning.health import LRHealthMonitor, OK, TOO_HIGH, TOO_LOW
+from lrfuse.lightning.schedule import LRSchedule
 
 __all__ = ["METHODS", "LRSearchResult", "TrialRecord", "search_lr"]
 
 METHODS = ("grid", "random", "race", "pbt")
 _CKPT = "model.ckpt"
+_META = "lrfuse_search.json"  # the search's own settings, in the experiment folder (for resume)
+# The race's state lives beside Tune's folder, not in it: on a resume Tune copies its folder to a
+# staging folder and syncs that back over it, which would put the interrupted run's state back.
+_RACE_STATE = os.path.join(".lrfuse", "{name}", "race.json")
 # Trainer arguments the search decides for every trial (budget, evaluation period, no own
 # checkpoints or loggers: Tune keeps both).
 _FORCED = dict(enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -78,14 +89,157 @@ def checksum(obj: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _global_rng() -> dict:
+    """The global RNG states (torch, CUDA, numpy, Python), in types a checkpoint loads with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a loader draws its order from (its own, its samplers'), in a fixed order."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    found: list[torch.Generator] = []
+    for owner in owners:
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+class _ExactLoader:
+    """A trial's training loader that resumes at the very batch, RNG draws included.
+
+    A race trial pauses at every rung and a retried trial restarts: both resume from a checkpoint
+    in the middle of an epoch, and a plain loader would start the epoch over, in a new order. This
+    wrapper is what Lightning sees (it saves a loader's ``state_dict`` in the checkpoint and hands
+    it back before the resumed run's first batch). It records the RNG states (global torch / CUDA /
+    numpy / Python, and the loader's own generators) at the start of each epoch. On resume it puts
+    them back, iterates the inner loader again and skips the batches already trained on, so the
+    sampler draws the same order; then, after as many batches as Lightning's fetcher had taken at
+    the checkpoint, it restores the global RNGs of the checkpoint, so dropout and augmentations
+    draw as in an uninterrupted run. The inner loader is iterated lazily (at the first batch), the
+    same way in both runs. ``trained`` is counted by :class:`_TrialReporter`.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.trained = 0  # batches of this epoch trained on
+        self.served = 0  # batches of this epoch handed to Lightning (its fetcher may be one ahead)
+        self._epoch_start: dict | None = None
+        self._pending: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    # What Lightning reads or sets on a loader: samplers (set_epoch), the worker seeding function.
+    @property
+    def sampler(self):
+        return getattr(self.loader, "sampler", None)
+
+    @property
+    def batch_sampler(self):
+        return getattr(self.loader, "batch_sampler", None)
+
+    @property
+    def worker_init_fn(self):
+        return getattr(self.loader, "worker_init_fn", None)
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn) -> None:
+        self.loader.worker_init_fn = fn
+
+    def _states(self) -> dict:
+        return {"global": _global_rng(), "generators": [g.get_state() for g in _generators(self.loader)]}
+
+    def _restore(self, states: dict) -> None:
+        _set_global_rng(states["global"])
+        generators = _generators(self.loader)
+        if len(generators) != len(states["generators"]):
+            raise RuntimeError("search_lr: the training loader has a different number of generators than when the trial's "
+                               "checkpoint was saved; build train_dataloader() the same way every time")
+        for g, state in zip(generators, states["generators"]):
+            g.set_state(state)
+
+    def state_dict(self) -> dict:
+        return {"epoch_start": self._epoch_start, "trained": self.trained, "served": self.served, "now": self._states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+
+    def __iter__(self):
+        pending, self._pending = self._pending, None
+        if pending is not None and hasattr(self.loader, "__len__") and pending["trained"] >= len(self.loader):
+            # Saved at the end of an epoch: the next one starts from the checkpoint's RNG states. Now,
+            # not at the first batch: Lightning ends the restored epoch and calls iter() once more.
+            self._restore(pending["now"])
+            pending = None
+        return _ExactEpoch(self, pending)
+
+
+class _ExactEpoch:
+    """One epoch of an :class:`_ExactLoader` (a resumed one skips what was trained)."""
+
+    def __init__(self, owner: _ExactLoader, pending: dict | None) -> None:
+        self.owner, self.pending = owner, pending
+        self.it = None
+        self.restore_at: int | None = None
+
+    def __iter__(self):
+        return self
+
+    def _start(self) -> None:
+        owner, pending = self.owner, self.pending
+        if pending is not None:
+            owner._restore(pending["epoch_start"])
+        owner._epoch_start = owner._states()
+        owner.trained = owner.served = 0
+        self.it = iter(owner.loader)
+        if pending is None:
+            return
+        for _ in range(pending["trained"]):
+            next(self.it)
+        owner.trained = owner.served = pending["trained"]
+        self.restore_at = pending["served"]
+
+    def __next__(self):
+        if self.it is None:
+            self._start()
+        if self.restore_at is not None and self.owner.served >= self.restore_at:
+            _set_global_rng(self.pending["now"]["global"])
+            self.restore_at = None
+        batch = next(self.it)
+        self.owner.served += 1
+        return batch
+
+
 class _TrialReporter(Callback):
     """Applies the trial's LR, reports to Tune at every validation, stops on a non-finite loss."""
 
-    def __init__(self, lr: float, metric: str, mode: str, eval_every: int, monitor: LRHealthMonitor) -> None:
+    def __init__(self, lr: float, metric: str, mode: str, eval_every: int, monitor: LRHealthMonitor,
+                 audit: bool = False) -> None:
         self.lr, self.metric, self.mode, self.eval_every, self.monitor = lr, metric, mode, eval_every, monitor
+        self.audit = audit
+        self.loader: _ExactLoader | None = None
         self.init_checksum: str | None = None
         self._data_hash = hashlib.sha256()
         self.data_checksum: str | None = None
+        self.data_chain = ""  # with audit: a hash chained over every batch trained on, resumes included
+        self.ckpt_lr: float | None = None  # the trial LR of the checkpoint this run resumed from
         self.starts = 0
         self.start_step = 0
         self.group_lrs: list[float] = []
@@ -97,6 +251,13 @@ class _TrialReporter(Callback):
         # After a checkpoint is restored (on_fit_start comes before it): a resumed PBT trial gets
         # its new LR here, over the donor's.
         apply_lr(trainer, pl_module, self.lr)
+        if self.ckpt_lr and self.ckpt_lr != self.lr:
+            # An LRSchedule resumed with the donor's base LRs: move them with the trial's LR (it runs
+            # after this callback and sets the groups from its base LRs).
+            for callback in trainer.callbacks:
+                if isinstance(callback, LRSchedule):
+                    callback.scale_base_lrs(self.lr / self.ckpt_lr)
+        self.ckpt_lr = None
         self.group_lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
         self.starts += 1
         self.start_step = trainer.global_step
@@ -107,9 +268,15 @@ class _TrialReporter(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.data_checksum is None and trainer.global_step < self.eval_every:
             _digest(batch, self._data_hash)  # the data order up to the first report
+        if self.audit:
+            h = hashlib.sha256(self.data_chain.encode())
+            _digest(batch, h)
+            self.data_chain = h.hexdigest()[:16]
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.loader is not None:
+            self.loader.trained += 1
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
@@ -155,7 +322,10 @@ class _TrialReporter(Callback):
                   "group_lrs": self.group_lrs, "train_loss": self.train_loss, "verdict": verdict, "why": why,
                   "diverged": self.diverged, "init_checksum": self.init_checksum,
                   "data_checksum": self.data_checksum, "starts": self.starts, "start_step": self.start_step,
-                  "node_id": _node_id()}
+                  "trial_lr": self.lr, "node_id": _node_id()}
+        if self.audit:
+            result["data_chain"] = self.data_chain
+            result["weights_checksum"] = checksum([p for p in trainer.lightning_module.parameters()])
         if not checkpoint:
             tune.report(result)
             return
@@ -165,12 +335,14 @@ class _TrialReporter(Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"init_checksum": self.init_checksum, "data_checksum": self.data_checksum, "starts": self.starts}
+        return {"init_checksum": self.init_checksum, "data_checksum": self.data_checksum, "starts": self.starts,
+                "lr": self.lr, "data_chain": self.data_chain}
 
     @override
     def load_state_dict(self, state: dict) -> None:
         self.init_checksum, self.data_checksum = state["init_checksum"], state["data_checksum"]
         self.starts = state["starts"]
+        self.ckpt_lr, self.data_chain = state.get("lr"), state.get("data_chain", "")
 
 
 def _node_id() -> str:
@@ -193,6 +365,7 @@ class _Payload:
     eval_every: int
     max_steps: int
     health_every: int
+    audit: bool = False
 
 
 def _quiet() -> None:
@@ -220,7 +393,9 @@ def _trial(config: dict, payload: _Payload) -> None:
             raise TypeError(f"search_lr: the model factory returned {type(model).__name__}, not a LightningModule")
     datamodule = copy.deepcopy(payload.datamodule)
     monitor = LRHealthMonitor(every_n_steps=payload.health_every, warn=False)
-    reporter = _TrialReporter(float(config["lr"]), payload.metric, payload.mode, payload.eval_every, monitor)
+    reporter = _TrialReporter(float(config["lr"]), payload.metric, payload.mode, payload.eval_every, monitor,
+                              audit=payload.audit)
+    _exact_resume(datamodule, reporter)
     kwargs = dict(payload.trainer_kwargs)
     callbacks = [copy.deepcopy(cb) for cb in kwargs.pop("callbacks", None) or []]
     # The reporter first: it applies the LR before a schedule callback reads the groups' LRs.
@@ -232,6 +407,22 @@ def _trial(config: dict, payload: _Payload) -> None:
     if checkpoint is not None:
         ckpt_path = os.path.join(checkpoint.to_directory(), _CKPT)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+
+def _exact_resume(datamodule: pl.LightningDataModule, reporter: _TrialReporter) -> None:
+    """Serve the datamodule's training loader through :class:`_ExactLoader` (one device per trial:
+    with several, Lightning must see the plain loader to give it a distributed sampler)."""
+    make = datamodule.train_dataloader
+
+    def train_dataloader():
+        loader = make()
+        trainer = getattr(datamodule, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return loader
+        reporter.loader = _ExactLoader(loader)
+        return reporter.loader
+
+    datamodule.train_dataloader = train_dataloader
 
 
 # ----------------------------------------------------------------------------- results
@@ -251,6 +442,10 @@ class TrialRecord:
         history: ``(step, value, train_loss, lr)`` at every report.
         init_checksum, data_checksum: checksums of the initial weights and of the first evaluation
             interval's batches (equal across trials of a grid or race).
+        reports: every report as a dict: ``step``, the metric, ``train_loss``, ``lr`` (the largest
+            group LR then, schedules included), ``trial_lr`` (the trial's LR then; PBT changes it)
+            and, with ``search_lr(audit=True)``, ``data_chain`` (a hash chained over every batch
+            trained on so far) and ``weights_checksum``.
         starts: how many times the trial started (more than 1: resumed after a failure or PBT exploit).
         node_id: the Ray node of its last report.
     """
@@ -264,6 +459,7 @@ class TrialRecord:
     verdict: str
     why: str = ""
     history: list[tuple[int, float, float, float]] = field(default_factory=list)
+    reports: list[dict] = field(default_factory=list)
     init_checksum: str | None = None
     data_checksum: str | None = None
     starts: int = 0
@@ -390,10 +586,13 @@ def _records(results, metric: str, mode: str, budget: int, method: str) -> list[
     for result in results:
         m = result.metrics or {}
         df = result.metrics_dataframe
-        history = []
+        history, reports = [], []
         if df is not None and metric in df:
             for row in df[["step", metric, "train_loss", "lr"]].itertuples(index=False):
                 history.append((int(row[0]), float(row[1]), float(row[2]), float(row[3])))
+            columns = [c for c in ("step", metric, "train_loss", "lr", "trial_lr", "data_chain", "weights_checksum")
+                       if c in df]
+            reports = df[columns].to_dict("records")
         steps = int(m.get("step", 0))
         if result.error is not None:
             stop = f"failed: {type(result.error).__name__}"
@@ -411,7 +610,7 @@ def _records(results, metric: str, mode: str, budget: int, method: str) -> list[
             lr=float(result.config["lr"]),  # under PBT the trial's last (Tune updates it on exploit)
             group_lrs=list(m.get("group_lrs", [])), value=worst if m.get("diverged") else value, steps=steps,
             seconds=float(m.get("time_total_s", 0.0)), stop=stop, verdict=m.get("verdict", TOO_HIGH if m.get("diverged") else ""),
-            why=m.get("why", ""), history=history, init_checksum=m.get("init_checksum"),
+            why=m.get("why", ""), history=history, reports=reports, init_checksum=m.get("init_checksum"),
             data_checksum=m.get("data_checksum"), starts=int(m.get("starts", 0)), start_step=int(m.get("start_step", 0)),
             node_id=m.get("node_id"), error=None if result.error is None else str(result.error)))
     records.sort(key=lambda t: t.lr)
@@ -446,7 +645,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
               address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
               storage_path: str | None = None, name: str | None = None, max_failures: int = 1,
               grace_period: int = 1, reduction_factor: int = 2, perturbation_interval: int = 2,
-              verbose: int = 0) -> LRSearchResult:
+              resume: bool = False, audit: bool = False, verbose: int = 0) -> LRSearchResult:
     """Search the learning rate on Ray Tune: ``"grid"``, ``"random"``, ``"race"`` or ``"pbt"``.
 
     Every trial trains ``model`` (a copy of it, or a fresh one from the factory) for ``max_steps``
@@ -479,6 +678,13 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         max_failures: times a failed trial is retried from its last checkpoint.
         grace_period, reduction_factor: the race's first rung (in reports) and halving factor.
         perturbation_interval: PBT's exploit / explore period, in reports.
+        resume: continue the interrupted search (Ctrl-C) saved under ``storage_path`` / ``name``:
+            finished trials are kept, unfinished ones resume from their last checkpoint, the race
+            from its last rung. Pass the same model, data and settings; the range and LRs are the
+            saved ones (no finder run).
+        audit: checksum every training batch and the weights at every report
+            (:attr:`TrialRecord.reports`), to check that trials saw identical data and resumed
+            exactly; costs a host copy and a hash of each batch.
         verbose: Tune's console output (0 silent, 1 a status table, 2 every result).
 
     Returns:
@@ -486,7 +692,9 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
 
     Raises:
         ValueError: for an unknown method, ``trials < 1``, ``min_lr >= max_lr`` or one of them
-            missing, a budget or period below 1, an unknown mode, negative resources or failures.
+            missing, a budget or period below 1, an unknown mode, negative resources or failures;
+            with ``resume``, a missing ``name`` or experiment folder, or another method than saved.
+        KeyboardInterrupt: when the search is interrupted (Ctrl-C); the message says how to resume.
         ImportError: without Ray Tune (``pip install "lrfuse[search]"``).
         RuntimeError: when the finder, run for the range, makes no suggestion.
     """
@@ -515,6 +723,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     if grace_period < 1 or reduction_factor < 2 or perturbation_interval < 1:
         raise ValueError("search_lr needs grace_period >= 1, reduction_factor >= 2 and perturbation_interval >= 1, "
                          f"got {grace_period}, {reduction_factor}, {perturbation_interval}")
+    saved = _saved_search(storage_path, name, method) if resume else None
     if not (isinstance(model, pl.LightningModule) or callable(model)):
         raise TypeError(f"search_lr: model must be a LightningModule or a callable returning one, "
                         f"got {type(model).__name__}")
@@ -529,7 +738,9 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     started = _ray.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard)
     try:
         finder = None
-        if min_lr is None:
+        if saved is not None:  # the saved range: the trials' LRs are fixed already
+            min_lr, max_lr = saved["low"], saved["high"]
+        elif min_lr is None:
             finder = _run_finder(model, datamodule, trainer_kwargs, seed, finder_kwargs or {})
             if finder.lr is None:
                 raise RuntimeError(f"search_lr: the LR finder made no suggestion ({finder.reason}); pass min_lr and "
@@ -540,10 +751,10 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         lrs = _initial_lrs(method, trials, min_lr, max_lr, seed)
         payload = _Payload(model=model, datamodule=datamodule, trainer_kwargs=trainer_kwargs, metric=metric, mode=mode,
                            seed=seed, threads=max(1, int(cpus_per_trial)), eval_every=eval_every, max_steps=budget,
-                           health_every=max(1, budget // 30))
+                           health_every=max(1, budget // 30), audit=audit)
         results, path = _run_tune(method, lrs, min_lr, max_lr, payload, cpus_per_trial, gpus_per_trial, max_concurrent,
                                   storage_path, name, max_failures, grace_period, reduction_factor,
-                                  perturbation_interval, reports, verbose, seed)
+                                  perturbation_interval, reports, verbose, seed, resume)
     finally:
         if started:
             import ray
@@ -555,6 +766,32 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
                           method=method, metric=metric, mode=mode, low=float(min_lr), high=float(max_lr), trials=records,
                           budget_steps=budget, finder=finder, path=path, seconds=time.perf_counter() - start,
                           lr_attr=_lr_attr(model if isinstance(model, pl.LightningModule) else object()))
+
+
+def _storage(storage_path) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(storage_path or "~/ray_results")))
+
+
+def _race_state(storage_path, name: str) -> str:
+    return os.path.join(_storage(storage_path), _RACE_STATE.format(name=name))
+
+
+def _saved_search(storage_path, name: str | None, method: str) -> dict:
+    """The settings a search saved in its experiment folder, checked before resuming it."""
+    if not name:
+        raise ValueError("search_lr(resume=True) needs name= (and storage_path= if not the default): the experiment "
+                         "folder to resume, as the interrupted search printed it")
+    folder = os.path.join(_storage(storage_path), name)
+    meta = os.path.join(folder, _META)
+    if not os.path.isfile(meta):
+        raise ValueError(f"search_lr(resume=True): {folder} holds no lrfuse search ({_META} missing); pass the "
+                         "storage_path and name of the interrupted search, or drop resume=True to start one")
+    with open(meta) as f:
+        saved = json.load(f)
+    if saved["method"] != method:
+        raise ValueError(f"search_lr(resume=True): the search in {folder} is method={saved['method']!r}, not "
+                         f"{method!r}; pass method={saved['method']!r}")
+    return saved
 
 
 def _run_finder(model, datamodule, trainer_kwargs: dict, seed: int, finder_kwargs: dict):
@@ -574,14 +811,17 @@ def _initial_lrs(method: str, trials: int, low: float, high: float, seed: int) -
     return [float(v) for v in np.exp(rng.uniform(math.log(low), math.log(high), trials))]
 
 
-def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: int):
+def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: int, state_path: str):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     class _Race(FIFOScheduler):
         """Successive halving in lockstep: a trial that reaches a rung waits (paused, checkpointed)
         until every trial still in the race has reported there; then the best ``1 / reduction_factor``
-        continue and the rest stop. Trials that end (diverge, fail) leave the race."""
+        continue and the rest stop. Trials that end (diverge, fail) leave the race.
+
+        The race's state is written to ``state_path`` at every change: Tune restores its trials,
+        not a custom scheduler's state, and a resumed race must continue from the same rung."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -590,12 +830,41 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
             self.scores: dict[int, dict[str, float]] = {r: {} for r in rungs}
             self.decided: set[int] = set()
             self.waiting: dict[str, int] = {}
+            self._known: set[str] = set()  # every trial the race has seen (saved, for a resume)
+            self._loaded = False
 
         def set_search_properties(self, metric, mode, **spec) -> bool:
             return True  # set at construction
 
+        def _load(self) -> None:
+            # Once, before the first trial: a resumed search finds the interrupted race's state.
+            self._loaded = True
+            if os.path.isfile(state_path):
+                with open(state_path) as f:
+                    state = json.load(f)
+                self.alive, self.decided = set(state["alive"]), set(state["decided"])
+                self.scores = {r: dict(state["scores"].get(str(r), {})) for r in rungs}
+                self.waiting = dict(state["waiting"])
+                self._known = set(state["known"])
+
+        def _save(self) -> None:
+            state = {"alive": sorted(self.alive), "decided": sorted(self.decided), "waiting": self.waiting,
+                     "scores": {str(r): v for r, v in self.scores.items()},
+                     "known": sorted(self._known | self.alive)}
+            os.makedirs(os.path.dirname(state_path), exist_ok=True)
+            tmp = state_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, state_path)
+
         def on_trial_add(self, tune_controller, trial) -> None:
+            if not self._loaded:
+                self._load()
+            if trial.trial_id in self._known:
+                return  # a resumed race's trial: the saved state says whether it is still racing
+            self._known.add(trial.trial_id)
             self.alive.add(trial.trial_id)
+            self._save()
 
         def _rung(self) -> int | None:
             return next((r for r in rungs if r not in self.decided), None)
@@ -607,8 +876,9 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
             ranked = sorted(self.alive, key=lambda t: self.scores[rung][t])
             self.alive = set(ranked[:max(1, math.ceil(len(ranked) / reduction_factor))])
             self.decided.add(rung)
+            self._save()
             for trial in tune_controller.get_trials():
-                if trial.status == Trial.PAUSED and trial.trial_id not in self.alive:
+                if trial.status in (Trial.PAUSED, Trial.PENDING) and trial.trial_id not in self.alive:
                     tune_controller.stop_trial(trial)
 
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -624,10 +894,12 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
             if rung in self.decided:
                 return TrialScheduler.CONTINUE
             self.waiting[trial.trial_id] = rung
+            self._save()
             return TrialScheduler.PAUSE
 
         def _leave(self, tune_controller, trial) -> None:
             self.alive.discard(trial.trial_id)
+            self._save()
             self._decide(tune_controller)
 
         def on_trial_complete(self, tune_controller, trial, result) -> None:
@@ -639,14 +911,23 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
         def on_trial_remove(self, tune_controller, trial) -> None:
             self._leave(tune_controller, trial)
 
+        def _may_run(self, trial) -> bool:
+            # Not a trial cut by the race, nor one waiting at a rung not decided yet (after a resume
+            # Tune requeues paused trials as pending).
+            rung = self.waiting.get(trial.trial_id)
+            return trial.trial_id in self.alive and (rung is None or rung in self.decided)
+
         def choose_trial_to_run(self, tune_controller):
             for trial in tune_controller.get_trials():
-                if trial.status == Trial.PENDING:
-                    return trial
-            for trial in tune_controller.get_trials():
-                if (trial.status == Trial.PAUSED and trial.trial_id in self.alive
-                        and self.waiting.get(trial.trial_id) in self.decided):
-                    return trial
+                # A trial cut while it was pausing (saving its checkpoint) can end up paused all the
+                # same; Tune would wait for it forever. Stop it once the save is done.
+                if (trial.status in (Trial.PENDING, Trial.PAUSED) and trial.trial_id in self._known
+                        and trial.trial_id not in self.alive and not getattr(trial, "is_saving", False)):
+                    tune_controller.stop_trial(trial)
+            for status in (Trial.PENDING, Trial.PAUSED):
+                for trial in tune_controller.get_trials():
+                    if trial.status == status and self._may_run(trial):
+                        return trial
             return None
 
         def debug_string(self) -> str:
@@ -665,14 +946,25 @@ def _rungs(reports: int, grace_period: int, reduction_factor: int) -> list[int]:
 
 
 def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, storage_path, name, max_failures,
-              grace_period, reduction_factor, perturbation_interval, reports, verbose, seed):
+              grace_period, reduction_factor, perturbation_interval, reports, verbose, seed, resume=False):
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
+    name = name or f"lrfuse-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = os.path.join(_storage(storage_path), name)
+    trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), {"cpu": cpus, "gpu": gpus})
+    if resume:
+        # Finished trials stay; unfinished ones go on from their last checkpoint (Tune's own state).
+        tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True)
+        return _fit(tuner, folder, name, storage_path, method, payload.max_steps)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, _META), "w") as f:
+        json.dump({"method": method, "low": low, "high": high, "lrs": lrs, "budget": payload.max_steps,
+                   "eval_every": payload.eval_every, "metric": payload.metric, "mode": payload.mode}, f)
     scheduler = None
     if method == "race":
         scheduler = _race_scheduler(payload.metric, payload.mode, _rungs(reports, grace_period, reduction_factor),
-                                    reduction_factor)
+                                    reduction_factor, _race_state(storage_path, name))
     elif method == "pbt":
         import random
 
@@ -681,10 +973,8 @@ def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, stora
         scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
                                             hyperparam_mutations={"lr": tune.loguniform(low, high)},
                                             perturbation_factors=(2.0, 0.5), quantile_fraction=0.25)
-    trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), {"cpu": cpus, "gpu": gpus})
     run_config = tune.RunConfig(
-        name=name or f"lrfuse-{method}-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=None if storage_path is None else os.path.abspath(os.fspath(storage_path)),
+        name=name, storage_path=_storage(storage_path),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         # PBT restores a trial from another's checkpoint, which must still be there: it keeps all.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if method == "pbt" else 2), verbose=verbose)
@@ -692,5 +982,23 @@ def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, stora
                        tune_config=tune.TuneConfig(metric=payload.metric, mode=payload.mode, scheduler=scheduler,
                                                    max_concurrent_trials=max_concurrent, reuse_actors=True),
                        run_config=run_config)
+    return _fit(tuner, folder, name, storage_path, method, payload.max_steps)
+
+
+def _fit(tuner, folder: str, name: str, storage_path, method: str, budget: int) -> tuple[list, str]:
     grid = tuner.fit()
+    # Ctrl-C makes Tune save the experiment, stop every trial and return as if done: a trial short of
+    # the budget that neither failed, diverged nor lost the race says the search was interrupted.
+    racing = None
+    if method == "race":
+        with open(_race_state(storage_path, name)) as f:
+            racing = set(json.load(f)["alive"])
+    unfinished = [r for r in grid if r.error is None and (not r.metrics or (
+        not r.metrics.get("diverged") and int(r.metrics.get("step", 0)) < budget
+        and (racing is None or r.metrics.get("trial_id") in racing)))]
+    if unfinished:
+        where = f"name={name!r}" + ("" if storage_path is None else f", storage_path={os.fspath(storage_path)!r}")
+        raise KeyboardInterrupt(f"search_lr was interrupted with {len(unfinished)} trial(s) unfinished; the experiment "
+                                f"is saved in {folder}: resume it with search_lr(..., {where}, resume=True) or "
+                                f"`lrfuse search ... --name {name} --resume`")
     return list(grid), grid.experiment_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ import lrfuse  # noqa: E402
 from lrfuse.groups import layerwise_groups  # noqa: E402
 from lrfuse.lightning import _ray  # noqa: E402
 from lrfuse.lightning.demo import DigitsClassifier, DigitsDataModule  # noqa: E402
+from lrfuse.lightning.schedule import LRSchedule  # noqa: E402
 from lrfuse.lightning.search import search_lr  # noqa: E402
+from lrfuse.schedules import make_schedule  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -36,9 +39,13 @@ STEPS, EVERY = 40, 10
 class GroupedDigits(DigitsClassifier):
     """The demo MLP with three layer-wise groups (LR ratios 1/4, 1/2, 1); FusedAdam or plain SGD."""
 
-    def __init__(self, lr: float = 1e-3, optimizer: str = "adam") -> None:
+    def __init__(self, lr: float = 1e-3, optimizer: str = "adam", dropout: float = 0.0) -> None:
         super().__init__(lr=lr)
         self.kind = optimizer
+        self.drop = torch.nn.Dropout(dropout)  # draws from the global RNG: a resume must restore it
+
+    def forward(self, x):
+        return self.net(self.drop(x))
 
     def configure_optimizers(self):
         groups = layerwise_groups(self, lr=self.lr, decay=0.5, layers=["net.0", "net.2", "net.4"])
@@ -57,6 +64,18 @@ class DieOnce(Callback):
         if trainer.global_step == self.step and not os.path.exists(self.marker):
             Path(self.marker).touch()
             os._exit(1)  # a dead worker, not an exception: Tune must retry from the checkpoint
+
+
+class InterruptOnce(Callback):
+    """Sends SIGINT to the driver, as Ctrl-C does, the first time any trial gets to ``step``."""
+
+    def __init__(self, marker: str, step: int, pid: int) -> None:
+        self.marker, self.step, self.pid = marker, step, pid
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os.kill(self.pid, signal.SIGINT)
 
 
 def _by_value():
@@ -120,19 +139,6 @@ def test_grid_end_to_end_with_a_diverging_trial(tmp_path, ray_session):
     assert Path(result.path).is_dir()
 
 
-def test_race_stops_the_slow_and_starts_all_alike(tmp_path, ray_session):
-    result = _search(tmp_path, "race", trials=4, min_lr=1e-5, max_lr=1e-2, grace_period=1, reduction_factor=2)
-    _same_start(result)
-    _ratios_kept(result)
-    stopped = [t for t in result.trials if t.stop.startswith("race")]
-    full = [t for t in result.trials if t.steps == STEPS]
-    assert stopped and full, result.table()
-    assert result.best in full
-    assert result.trials[0] in stopped  # 1e-5 falls slowest
-    assert {t.steps for t in stopped} <= {EVERY, 2 * EVERY}  # stopped at a rung (reports 1 and 2)
-    assert result.total_steps < 4 * STEPS
-
-
 def test_random_over_the_finders_range(tmp_path, ray_session):
     result = _search(tmp_path, "random", model=DigitsClassifier(), trials=3, seed=3, min_lr=None, max_lr=None,
                      finder_kwargs={"min_lr": 1e-5, "max_lr": 1.0, "num_steps": 40})
@@ -147,8 +153,11 @@ def test_random_over_the_finders_range(tmp_path, ray_session):
     assert result.lr is not None and result.group_lrs == [result.lr]
 
 
-def test_pbt_exploits_and_perturbs(tmp_path, ray_session):
-    result = _search(tmp_path, "pbt", trials=4, min_lr=1e-5, max_lr=1e-1, perturbation_interval=1)
+def test_pbt_exploits_and_perturbs_through_an_lr_schedule(tmp_path, ray_session):
+    # Every trial under a cosine LRSchedule: a trial that copies another's checkpoint with a new LR
+    # must run the schedule from its own LR, not from the base LRs saved in the donor's checkpoint.
+    result = _search(tmp_path, "pbt", trials=4, min_lr=1e-5, max_lr=1e-1, perturbation_interval=1,
+                     trainer_kwargs={"callbacks": [LRSchedule("cosine")]})
     from lrfuse.lightning.search import _initial_lrs
 
     initial = _initial_lrs("pbt", 4, 1e-5, 1e-1, 0)
@@ -158,6 +167,99 @@ def test_pbt_exploits_and_perturbs(tmp_path, ray_session):
     assert moved, result.table()
     _ratios_kept(result)
     assert result.lr is not None
+    cosine = make_schedule("cosine", total_steps=STEPS)
+    changed = 0
+    for t in result.trials:
+        lrs = [r["trial_lr"] for r in t.reports]
+        changed += len(set(lrs)) > 1
+        for r in t.reports:  # the LR of the report's last step: set at step - 1
+            assert r["lr"] == pytest.approx(r["trial_lr"] * cosine(r["step"] - 1), rel=1e-9), (t.lr, t.reports)
+    assert changed, "no trial changed its LR during the run"
+
+
+# Exact resume: 10 batches an epoch (1,257 training images, batches of 125) and a report every 5
+# steps, so the race's rungs fall in the middle of an epoch (step 5) and at its end (step 10).
+EXACT = dict(trials=3, min_lr=1e-4, max_lr=1e-2, max_steps=20, eval_every=5, audit=True)
+
+
+def _exact_search(tmp_path, method, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    return search_lr(GroupedDigits(dropout=0.2), DigitsDataModule(batch_size=125), method=method,
+                     storage_path=tmp_path / "ray", **{**EXACT, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_grid(tmp_path_factory, ray_session):
+    """The race's LRs, each trained in one go: the reference every race trial must match."""
+    return _exact_search(tmp_path_factory.mktemp("grid"), "grid")
+
+
+def _matches_uninterrupted(race, grid, every_report=True):
+    """Every report of every race trial: the same batches so far (chained checksum) and the same
+    weights (bit for bit) as the uninterrupted run at the same LR and step. (Across a Ctrl-C, Tune
+    may keep no row of a report made while it was stopping; the chains after it cover its batches.)"""
+    assert [t.lr for t in race.trials] == [t.lr for t in grid.trials]
+    for r, g in zip(race.trials, grid.trials):
+        reference = {rep["step"]: rep for rep in g.reports}
+        steps = [rep["step"] for rep in r.reports]
+        assert steps and steps[-1] == r.steps, (r.lr, steps)
+        if every_report:
+            assert steps == [5, 10, 15, 20][:len(steps)], (r.lr, steps)
+        else:
+            assert steps == sorted(set(steps)) and set(steps) <= {5, 10, 15, 20}, (r.lr, steps)
+        for rep in r.reports:
+            assert rep["data_chain"] == reference[rep["step"]]["data_chain"], (r.lr, rep["step"])
+            assert rep["weights_checksum"] == reference[rep["step"]]["weights_checksum"], (r.lr, rep["step"])
+
+
+def test_grid_trials_see_one_data_order_for_the_whole_run(uninterrupted_grid):
+    grid = uninterrupted_grid
+    assert all(t.starts == 1 and t.steps == 20 for t in grid.trials), grid.table()
+    for step in (5, 10, 15, 20):  # every batch of the run, not only the first interval's
+        chains = {rep["data_chain"] for t in grid.trials for rep in t.reports if rep["step"] == step}
+        assert len(chains) == 1, (step, chains)
+    assert len({t.init_checksum for t in grid.trials}) == 1
+    assert len({t.reports[-1]["weights_checksum"] for t in grid.trials}) == 3  # three LRs, three results
+
+
+def test_race_stops_the_slow_and_resumed_trials_train_as_if_never_paused(tmp_path, uninterrupted_grid):
+    race = _exact_search(tmp_path, "race")
+    _same_start(race)
+    _ratios_kept(race)
+    resumed = [t for t in race.trials if t.starts > 1]
+    assert resumed, race.table()  # at a rung, all but the last to report wait (paused, checkpointed)
+    assert {t.start_step for t in resumed} <= {5, 10}
+    full = [t for t in race.trials if t.steps == 20]
+    stopped = [t for t in race.trials if t.stop.startswith("race")]
+    assert len(full) == 1 and race.best is full[0] and len(stopped) == 2, race.table()
+    assert race.trials[0] in stopped  # 1e-4 falls slowest
+    assert {t.steps for t in stopped} <= {5, 10}  # stopped at a rung (reports 1 and 2)
+    assert race.total_steps < 3 * 20
+    _matches_uninterrupted(race, uninterrupted_grid)
+
+
+def test_an_interrupted_race_resumes_where_it_stopped(tmp_path, uninterrupted_grid):
+    # Ctrl-C (SIGINT to this process) while a trial is at step 7, between the rungs at 5 and 10.
+    interrupt = InterruptOnce(str(tmp_path / "interrupted"), step=7, pid=os.getpid())
+    kwargs = dict(name="interrupted", trainer_kwargs={"callbacks": [interrupt]})
+    with pytest.raises(KeyboardInterrupt, match="resume=True"):
+        _exact_search(tmp_path, "race", **kwargs)
+    assert (tmp_path / "interrupted").exists()
+    with pytest.raises(ValueError, match="method='race'"):
+        _exact_search(tmp_path, "grid", resume=True, **kwargs)
+    race = _exact_search(tmp_path, "race", resume=True, **kwargs)
+    assert len(race.trials) == 3 and all(t.error is None for t in race.trials), race.table()
+    assert [t.steps for t in race.trials].count(20) == 1, race.table()
+    assert all(t.stop in ("budget", "race (behind at step 5)", "race (behind at step 10)") for t in race.trials)
+    assert any(t.starts > 1 for t in race.trials)
+    _matches_uninterrupted(race, uninterrupted_grid, every_report=False)
+
+
+def test_resume_needs_a_saved_search(tmp_path, ray_session):
+    with pytest.raises(ValueError, match="needs name="):
+        _exact_search(tmp_path, "race", resume=True)
+    with pytest.raises(ValueError, match="holds no lrfuse search"):
+        _exact_search(tmp_path, "race", resume=True, name="never-ran")
 
 
 def test_worker_death_is_retried_from_the_last_checkpoint(tmp_path, ray_session):
