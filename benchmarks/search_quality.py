@@ -88,7 +88,8 @@ def lightning_pieces(case):
     return Module, Data
 
 
-def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dict, storage: str) -> dict:
+def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dict, storage: str, reports: int = 10,
+                finder_steps: int = 100) -> dict:
     import lightning.pytorch as pl
 
     from lrfuse.lightning.finder import find_lr
@@ -97,14 +98,14 @@ def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dic
     case = fq.Case(fq.SPECS[name], seed)
     Module, Data = lightning_pieces(case)
     out = {"dataset": name, "seed": seed, "budget": budget, "methods": {}}
-    common = dict(max_steps=budget, eval_every=max(1, budget // 10), metric="val_score", mode="max", seed=seed,
+    common = dict(max_steps=budget, eval_every=max(1, budget // reports), metric="val_score", mode="max", seed=seed,
                   storage_path=storage)
 
     # The finder alone: its sweep, then one run at the suggestion (the same Trainer path as a trial).
     t0 = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     finder = find_lr(fq._trainer(storage, max_epochs=1), Module(), datamodule=Data(), min_lr=FULL_RANGE[0],
-                     max_lr=FULL_RANGE[1], num_steps=100)
+                     max_lr=FULL_RANGE[1], num_steps=finder_steps)
     finder_seconds = time.perf_counter() - t0
     lr = finder.lr if finder.lr is not None else fq.FALLBACK_LR
     single = search_lr(Module(), Data(), "grid", trials=1, min_lr=lr / 1.0001, max_lr=lr * 1.0001, **common)
@@ -157,7 +158,8 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="digits only, budget 20, 2 trials a method (CI)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="digits only, budget 20 in 4 reports, a 40-step finder, 2 trials a method (CI)")
     parser.add_argument("--datasets", default=None, help=f"comma-separated, of {','.join(fq.SPECS)} "
                                                         "(default digits,class20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -196,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for name in datasets:
                 for seed in args.seeds:
-                    r = run_dataset(name, seed, budget, grid_points, trials, args.storage or tmp)
+                    # The smoke run checks the plumbing: fewer reports (each one validates and
+                    # checkpoints) and a shorter finder sweep keep it short.
+                    r = run_dataset(name, seed, budget, grid_points, trials, args.storage or tmp,
+                                    reports=4 if args.smoke else 10, finder_steps=40 if args.smoke else 100)
                     results.append(r)
                     print(f"{name} seed {seed}: grid best {r['grid_best']['lr']:.2g} -> {r['grid_best']['value']:.2f}; "
                           + ", ".join(f"{m} {e['value']:.2f} ({e['steps']} steps)" for m, e in r["methods"].items()),
