@@ -18,7 +18,9 @@ def cuda_emulator(tmp_path_factory):
     if not cpp_extension.is_ninja_available():
         pytest.skip("building the CUDA emulator needs ninja")
     root = Path(__file__).resolve().parents[1]
-    return cpp_extension.load(name="lrfuse_cuda_emulator", sources=[str(root / "tests" / "cuda_emulator.cpp")],
+    # With the backends' argument checks (csrc/checks.cpp), which the CUDA op runs first too.
+    return cpp_extension.load(name="lrfuse_cuda_emulator",
+                              sources=[str(root / "tests" / "cuda_emulator.cpp"), str(root / "csrc" / "checks.cpp")],
                               extra_include_paths=[str(root / "csrc")], extra_cflags=["-O2"],
                               build_directory=str(tmp_path_factory.mktemp("cuda_emulator")))
 
