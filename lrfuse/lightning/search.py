@@ -588,6 +588,9 @@ def _records(results, metric: str, mode: str, budget: int, method: str) -> list[
         df = result.metrics_dataframe
         history, reports = [], []
         if df is not None and metric in df:
+            # A trial resumed after a Ctrl-C may report a step again that Tune already kept: one
+            # row per step, the latest.
+            df = df.drop_duplicates(subset="step", keep="last")
             for row in df[["step", metric, "train_loss", "lr"]].itertuples(index=False):
                 history.append((int(row[0]), float(row[1]), float(row[2]), float(row[3])))
             columns = [c for c in ("step", metric, "train_loss", "lr", "trial_lr", "data_chain", "weights_checksum")
