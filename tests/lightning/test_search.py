@@ -346,7 +346,9 @@ def test_two_nodes_on_one_machine(tmp_path):
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
         result = _search(tmp_path, "grid", model=DigitsClassifier(), trials=2, max_concurrent=2, address=cluster.address)
-        assert {t.node_id for t in result.trials} == nodes  # one trial per node (1 CPU each)
+        # Each trial ran on a node of this cluster. Ray does not promise to spread them: when the
+        # first trial ends before the second is placed, both may run on one node (seen in CI).
+        assert {t.node_id for t in result.trials} <= nodes and all(t.node_id for t in result.trials)
         _same_start(result)
         assert all(t.steps == STEPS for t in result.trials)
     finally:
