@@ -7,15 +7,21 @@
 
 #include "cpu_isa.h"
 #include "fused_op.h"
+#include "kept_plan.h"
 
 #ifndef LRFUSE_WITH_CUDA
 #define LRFUSE_WITH_CUDA 0  // setup.py defines it to 1 when it compiles csrc/cuda
 #endif
 
 extern "C" {
-// `import lrfuse._C` loads this shared object, which runs the registrations below.
+// `import lrfuse._C` loads this shared object, which runs the registrations below; its one Python
+// function is the kept plan's identity scan.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"kept_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&lrfuse::kept_grads)), METH_FASTCALL,
+       "This step's gradients if a kept call plan still stands, else None (csrc/kept_plan.cpp)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", LRFUSE_WITH_CUDA) < 0) {
     Py_DECREF(module);

@@ -1,6 +1,7 @@
 """The fused optimizers on DTensor parameters: FSDP2, tensor parallelism and distributed checkpoints.
 
-For each optimizer pair, two CPU processes (gloo) run this file as a script and go through every
+For each algorithm of the parity suite (``parity.ALGORITHMS``, at its settings with every state in
+use), two CPU processes (gloo) run this file as a script and go through every
 case (one start-up serves the three tests of that pair). They rendezvous through a TCPStore served
 on a socket the test binds to 127.0.0.1 (nothing listens on another address; gloo is kept on the
 loopback interface too), compare against a single-process ``torch.optim`` reference (foreach=False)
@@ -23,19 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import ALGORITHMS, LR
 
-PAIRS = {
-    "adam": ("lrfuse.FusedAdam", "torch.optim.Adam", {"weight_decay": 0.01}),
-    "adamw": ("lrfuse.FusedAdamW", "torch.optim.AdamW", {"weight_decay": 0.01}),
-    "rmsprop": ("lrfuse.FusedRMSprop", "torch.optim.RMSprop", {"weight_decay": 0.01, "momentum": 0.9}),
-}
 WORLD = 2
 STEPS = 4
 # rtol, and atol relative to the reference tensor's largest magnitude (at least 1): RMSprop's
 # momentum buffer holds g / sqrt(v), which turns the rounding of the gradient reduction in its
 # small entries into absolute differences of ~1e-5 in a buffer whose entries reach ~10.
 RTOL, ATOL = 1e-5, 1e-6
-LRS = (1e-3, 1e-2)  # first layer, the rest
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -54,11 +50,11 @@ def _mlp(sizes: tuple[int, ...], seed: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def _groups(model: torch.nn.Sequential) -> list[dict]:
+def _groups(model: torch.nn.Sequential, lrs: list[float]) -> list[dict]:
     """Two groups with different LRs: the first Linear, and every other parameter."""
     first = list(model[0].parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
-    return [{"params": first, "lr": LRS[0]}, {"params": rest, "lr": LRS[1]}]
+    return [{"params": first, "lr": lrs[0]}, {"params": rest, "lr": lrs[1]}]
 
 
 def _batch(step: int, n_in: int, n_out: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +79,10 @@ def _compare(rows: list, where: str, mine: torch.Tensor, ref: torch.Tensor) -> N
 class _Run:
     """One model under test and its single-process reference, stepped on the same global batches."""
 
-    def __init__(self, model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch: bool):
+    def __init__(self, model, ref, spec: dict, sizes, shard_batch: bool):
         self.model, self.ref, self.sizes, self.shard_batch = model, ref, sizes, shard_batch
-        self.opt = opt_cls(_groups(model), **kwargs)
-        self.ref_opt = ref_cls(_groups(ref), foreach=False, **kwargs)
+        self.opt = _load(spec["fused"])(_groups(model, spec["lrs"]), **spec["kwargs"])
+        self.ref_opt = _load(spec["torch"])(_groups(ref, spec["lrs"]), foreach=False, **spec["kwargs"])
         self.rank = torch.distributed.get_rank()
 
     def step(self, step: int, reference: bool = True) -> None:
@@ -146,25 +142,25 @@ def _fsdp_model(sizes, seed, mesh):
     return model
 
 
-def _case_fsdp2(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
+def _case_fsdp2(spec: dict, mesh, out: dict, tmp: Path) -> None:
     sizes = (8, 16, 16, 4)
     ref = _mlp(sizes, seed=0)
     model = _fsdp_model(sizes, seed=0, mesh=mesh)
     assert all(_full(p).equal(q) for p, q in zip(model.parameters(), ref.parameters()))
-    out["rows"] = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=True).train_and_compare(STEPS)
+    out["rows"] = _Run(model, ref, spec, sizes, shard_batch=True).train_and_compare(STEPS)
 
 
-def _case_tp(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
+def _case_tp(spec: dict, mesh, out: dict, tmp: Path) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     sizes = (8, 16, 8)
     ref = _mlp(sizes, seed=0)
     model = parallelize_module(_mlp(sizes, seed=0), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     assert all(_full(p).equal(q) for p, q in zip(model.parameters(), ref.parameters()))
-    out["rows"] = _Run(model, ref, opt_cls, ref_cls, kwargs, sizes, shard_batch=False).train_and_compare(STEPS)
+    out["rows"] = _Run(model, ref, spec, sizes, shard_batch=False).train_and_compare(STEPS)
 
 
-def _case_checkpoint(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> None:
+def _case_checkpoint(spec: dict, mesh, out: dict, tmp: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -175,7 +171,7 @@ def _case_checkpoint(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> No
 
     sizes = (8, 16, 16, 4)
     ckpt = str(tmp / "ckpt")
-    run = _Run(_fsdp_model(sizes, 0, mesh), _mlp(sizes, 0), opt_cls, ref_cls, kwargs, sizes, shard_batch=True)
+    run = _Run(_fsdp_model(sizes, 0, mesh), _mlp(sizes, 0), spec, sizes, shard_batch=True)
     for step in range(2):
         run.step(step, reference=False)
     dcp.save({"model": get_model_state_dict(run.model), "optim": get_optimizer_state_dict(run.model, run.opt)},
@@ -185,7 +181,7 @@ def _case_checkpoint(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> No
     expected = [_full(p).detach().clone() for p in run.model.parameters()]
 
     # A fresh model (other initial weights) and optimizer, restored from the checkpoint.
-    resumed = _Run(_fsdp_model(sizes, 1, mesh), _mlp(sizes, 1), opt_cls, ref_cls, kwargs, sizes, shard_batch=True)
+    resumed = _Run(_fsdp_model(sizes, 1, mesh), _mlp(sizes, 1), spec, sizes, shard_batch=True)
     state = {"model": get_model_state_dict(resumed.model),
              "optim": get_optimizer_state_dict(resumed.model, resumed.opt)}
     dcp.load(state, checkpoint_id=ckpt)
@@ -201,8 +197,7 @@ def _case_checkpoint(opt_cls, ref_cls, kwargs, mesh, out: dict, tmp: Path) -> No
 CASES = {"fsdp2": _case_fsdp2, "tp": _case_tp, "checkpoint": _case_checkpoint}
 
 
-def _worker(cases: str, opt_path: str, ref_path: str, kwargs: str, rank: int, port: int, listen_fd: int,
-            out_dir: str) -> int:
+def _worker(cases: str, spec: str, rank: int, port: int, listen_fd: int, out_dir: str) -> int:
     """Runs each of ``cases`` (comma-separated) in turn; its result, or its traceback, goes under its name."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -221,7 +216,7 @@ def _worker(cases: str, opt_path: str, ref_path: str, kwargs: str, rank: int, po
         for case in cases.split(","):
             result: dict = {}
             try:
-                CASES[case](_load(opt_path), _load(ref_path), json.loads(kwargs), mesh, result, Path(out_dir))
+                CASES[case](json.loads(spec), mesh, result, Path(out_dir))
             except Exception:
                 result["error"] = traceback.format_exc()
                 code = 1
@@ -244,9 +239,16 @@ def _worker(cases: str, opt_path: str, ref_path: str, kwargs: str, rank: int, po
 # ----------------------------------------------------------------------------- test side
 
 
+def _spec(name: str) -> dict:
+    """What the workers build for algorithm ``name``: the fused class and torch's, its settings with
+    every state in use, and the LRs of the two groups (the suite's LR, and a tenth of it)."""
+    a = ALGORITHMS[name]
+    return {"fused": f"{a.fused.__module__}.{a.fused.__name__}", "torch": f"{a.torch.__module__}.{a.torch.__name__}",
+            "kwargs": a.low_precision, "lrs": [LR[name] / 10, LR[name]]}
+
+
 def _spawn(name: str, out_dir: Path, timeout: float = 150.0) -> list[dict]:
-    """Both ranks run every case for one optimizer pair (one start-up for the three tests)."""
-    opt_path, ref_path, kwargs = PAIRS[name]
+    """Both ranks run every case for one algorithm (one start-up for the three tests)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -259,8 +261,8 @@ def _spawn(name: str, out_dir: Path, timeout: float = 150.0) -> list[dict]:
         for rank in range(WORLD):
             log = open(out_dir / f"rank{rank}.log", "w")
             logs.append(log)
-            cmd = [sys.executable, __file__, ",".join(CASES), opt_path, ref_path, json.dumps(kwargs), str(rank),
-                   str(port), str(listener.fileno()), str(out_dir)]
+            cmd = [sys.executable, __file__, ",".join(CASES), json.dumps(_spec(name)), str(rank), str(port),
+                   str(listener.fileno()), str(out_dir)]
             # Rank 0 inherits the listening socket and serves the store on it.
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           pass_fds=(listener.fileno(),) if rank == 0 else ()))
@@ -290,7 +292,7 @@ def _spawn(name: str, out_dir: Path, timeout: float = 150.0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """``spawned(name, case)``: each rank's result of ``case``, from one two-process run per pair."""
+    """``spawned(name, case)``: each rank's result of ``case``, from one two-process run per algorithm."""
     runs: dict[str, list[dict]] = {}
 
     def get(name: str, case: str) -> list[dict]:
@@ -316,7 +318,7 @@ distributed = pytest.mark.skipif(not torch.distributed.is_available() or sys.pla
 
 
 @distributed
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_fsdp2_two_groups_matches_single_process(name, spawned):
     """fully_shard per Linear and on the root, two LR groups, half the global batch per rank:
     after every step the full parameters and the (DTensor) state match torch.optim on the whole batch."""
@@ -324,14 +326,14 @@ def test_fsdp2_two_groups_matches_single_process(name, spawned):
 
 
 @distributed
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_tensor_parallel_matches_single_process(name, spawned):
     """ColwiseParallel / RowwiseParallel MLP on a 1-D CPU mesh: same comparison."""
     _assert_rows(spawned(name, "tp"))
 
 
 @distributed
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_fsdp2_distributed_checkpoint_round_trip(name, spawned):
     """dcp.save after 2 steps, 2 more steps; a fresh model and optimizer loaded from the checkpoint
     take the same 2 steps to bit-identical parameters."""
@@ -340,5 +342,5 @@ def test_fsdp2_distributed_checkpoint_round_trip(name, spawned):
 
 
 if __name__ == "__main__":
-    cases, opt_path, ref_path, kwargs, rank, port, listen_fd, out_dir = sys.argv[1:]
-    sys.exit(_worker(cases, opt_path, ref_path, kwargs, int(rank), int(port), int(listen_fd), out_dir))
+    cases, spec, rank, port, listen_fd, out_dir = sys.argv[1:]
+    sys.exit(_worker(cases, spec, int(rank), int(port), int(listen_fd), out_dir))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lrfuse
+from lrfuse import ops
 from lrfuse.optim._cache import Plan, StepCache
 from parity import clone_like, leaf, step_both
 
@@ -17,43 +18,73 @@ from parity import clone_like, leaf, step_both
 # StepCache on its own -------------------------------------------------------------------------
 
 
+needs_extension = pytest.mark.skipif(ops._C is None, reason="lrfuse._C is not built (no plan is kept without it)")
+
+
 def kept_setup():
-    params = [torch.zeros(3), torch.zeros(2)]
-    states = [{"step": torch.zeros(()), "exp_avg": torch.zeros(3)}, {"step": torch.zeros(()), "exp_avg": torch.zeros(2)}]
+    params = [torch.zeros(3), torch.zeros(2), torch.zeros(4)]  # the third has no gradient
+    for p in params[:2]:
+        p.grad = torch.ones_like(p)
+    state = {params[0]: {"step": torch.zeros(()), "exp_avg": torch.zeros(3)},
+             params[1]: {"step": torch.zeros(()), "exp_avg": torch.zeros(2)}}
     cache = StepCache()
     plan = Plan(calls={}, checked_natively=True)
-    cache.keep(plan, ("key",), list(params), b"\x01\x01", states)
-    return cache, plan, params, states
+    cache.keep(plan, ("key",), list(params), [p.grad for p in params], state)
+    return cache, plan, params, state
 
 
+@needs_extension
 def test_plan_is_kept_while_everything_is_the_same_object():
-    cache, plan, params, states = kept_setup()
-    assert cache.kept_plan(("key",), list(params), b"\x01\x01", states) is plan
+    cache, plan, params, state = kept_setup()
+    params[0].grad = torch.full_like(params[0], 2.0)  # backward replaces gradients: that is allowed
+    kept_plan, grads = cache.kept(("key",), [params[:2], params[2:]], state)
+    assert kept_plan is plan
+    assert grads[0] is params[0].grad and grads[1] is params[1].grad and grads[2] is None
 
 
+def test_no_plan_is_kept_without_the_extension(monkeypatch):
+    cache, plan, params, state = kept_setup()
+    monkeypatch.setattr(ops, "_C", None)
+    assert cache.kept(("key",), [params], state) is None
+
+
+@needs_extension
 @pytest.mark.parametrize("change", [
-    "key", "has_grad", "parameter swapped", "state dict replaced", "value replaced", "value added",
-    "state cleared", "value replaced by an equal tensor"])
+    "key", "gradient gone", "gradient new", "parameter swapped", "parameter added", "state dict replaced",
+    "value replaced", "value added", "state cleared", "value replaced by an equal tensor", "state key renamed",
+    "state moved to another parameter", "state of a parameter added", "state dict is not a dict"])
 def test_any_change_of_what_the_plan_was_built_from_drops_it(change):
-    cache, plan, params, states = kept_setup()
-    key, has_grad = ("key",), b"\x01\x01"
+    cache, plan, params, state = kept_setup()
+    key, lists = ("key",), [params[:2], params[2:]]
     if change == "key":
         key = ("other",)
-    elif change == "has_grad":
-        has_grad = b"\x01\x00"
+    elif change == "gradient gone":
+        params[1].grad = None
+    elif change == "gradient new":
+        params[2].grad = torch.ones(4)
     elif change == "parameter swapped":
-        params[1] = torch.zeros(2)
+        lists[0][1] = torch.zeros(2)
+    elif change == "parameter added":
+        lists[1].append(torch.zeros(1))
     elif change == "state dict replaced":
-        states[0] = dict(states[0])
+        state[params[0]] = dict(state[params[0]])
     elif change == "value replaced":
-        states[1]["exp_avg"] = torch.ones(2)
+        state[params[1]]["exp_avg"] = torch.ones(2)
     elif change == "value added":
-        states[1]["max_exp_avg_sq"] = torch.zeros(2)
+        state[params[1]]["max_exp_avg_sq"] = torch.zeros(2)
     elif change == "state cleared":
-        states[0].clear()
-    else:  # same values, another tensor: the plan would update the old one
-        states[0]["step"] = states[0]["step"].clone()
-    assert cache.kept_plan(key, params, has_grad, states) is None
+        state[params[0]].clear()
+    elif change == "value replaced by an equal tensor":  # same values, another tensor: the plan would update the old one
+        state[params[0]]["step"] = state[params[0]]["step"].clone()
+    elif change == "state key renamed":  # same tensors in the same order, but torch would make a new exp_avg
+        state[params[1]]["momentum"] = state[params[1]].pop("exp_avg")
+    elif change == "state moved to another parameter":  # params[1] would start afresh, params[2] keep it
+        state[params[2]] = state.pop(params[1])
+    elif change == "state of a parameter added":
+        state[params[2]] = {}
+    else:
+        state[params[0]] = list(state[params[0]].items())
+    assert cache.kept(key, lists, state) is None
 
 
 def row(values):

@@ -111,12 +111,17 @@ struct Cpu {
     if (call.params.empty() || skip_step(call.found_inf)) return;
     constexpr int kStates = num_states<Rule>();
     const unsigned present = present_optional<Rule>(call);
-    Plan plan(call.params.size());
-    for (size_t i = 0; i < call.params.size(); ++i) {
+    const size_t n = call.params.size();
+    Plan plan(n);
+    auto operands_of = [&](size_t i) {
       std::array<const Tensor*, kMaxOperands> operands{&call.params[i], &call.grads[i]};
       for (int k = 0; k < kStates; ++k)
         if (!call.states[k].empty()) operands[2 + k] = &call.states[k][i];
-      plan.add(operands);
+      return operands;
+    };
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kPrefetchAhead < n) Plan::prefetch(operands_of(i + kPrefetchAhead));
+      plan.add(operands_of(i));
     }
     const std::vector<double> step = advance_steps(call.steps);
     const double* table = call.hyper.data_ptr<double>();

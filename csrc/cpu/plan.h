@@ -21,6 +21,9 @@ namespace lrfuse::cpu {
 
 constexpr int kMaxOperands = 5;  // parameter, gradient, up to three state tensors
 
+// How many tensors ahead Plan::prefetch runs.
+constexpr size_t kPrefetchAhead = 8;
+
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kGrainSize = 32768;
 
@@ -54,6 +57,13 @@ class Plan {
     if (!shares_dense_layout(operands)) coalesce(operands, w);
     offsets_.push_back(offsets_.back() + w.numel);
     walks_.push_back(std::move(w));
+  }
+
+  // Reading a tensor's data pointer touches its storage object, a cache miss per operand when
+  // the step's tensors are many and small: adding tensor i fetches those of tensor i + kAhead.
+  static void prefetch(const std::array<const at::Tensor*, kMaxOperands>& operands) {
+    for (const at::Tensor* t : operands)
+      if (t) __builtin_prefetch(t->unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
   }
 
   const Walk& walk(size_t i) const { return walks_[i]; }

@@ -197,17 +197,17 @@ class _FusedStep:
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
             grads = [p.grad for group in self.param_groups for p in group["params"]]
             return self._build(grads), grads
-        params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
-        grads = list(map(_grad_of, params))
         key = (id(self.state), tuple((len(g["params"]), self._uses(g), bool(g.get("capturable")))
                                      for g in self.param_groups))
-        has_grad = bytes(map(operator.is_not, grads, itertools.repeat(None)))
-        plan = self._cache.kept_plan(key, params, has_grad, self.state.values())
-        if plan is None:
+        kept = self._cache.kept(key, [g["params"] for g in self.param_groups], self.state)
+        if kept is None:
+            params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
+            grads = list(map(_grad_of, params))
             plan = self._build(grads)
             if not plan.first_steps:  # after this step they are first steps no more
-                self._cache.keep(plan, key, params, has_grad, self.state.values())
+                self._cache.keep(plan, key, params, grads, self.state)
             return plan, grads
+        plan, grads = kept
         if not plan.checked_natively:
             self._check_grads(grads)
         for call in plan.calls.values():

@@ -6,9 +6,11 @@ what the optimizer holds now; the checks are C-level identity scans, cheap enoug
 step (hashing tensors into ``optimizer.state`` would cost more than the rest of the step's Python):
 
 - the plan: the parameters of every group in order, which of them have a gradient, each group's
-  size, state layout and ``capturable``, the state dicts and every value in them. Whatever users
-  do to ``opt.state`` between steps replaces one of those objects, so the next step is built from
-  what ``opt.state`` holds. In-place changes of a tensor need nothing: the plan holds the tensors.
+  size, state layout and ``capturable``, and ``optimizer.state``: its keys, its dicts, and each
+  key and value in them. Whatever users do to ``opt.state`` between steps replaces one of those
+  objects, so the next step is built from what ``opt.state`` holds. In-place changes of a tensor
+  need nothing: the plan holds the tensors. The scan is one C pass (:func:`lrfuse.ops.kept_grads`)
+  that also reads the step's gradients; without the extension no plan is kept.
 - a hyper table: each group's row values (``lr``, betas, ...). Numbers and tuples cannot change
   in place, so the same objects mean the same numbers; a value that can (a list, a numpy array)
   turns the fast path off for that table, and tensor cells are copied at every call anyway.
@@ -86,8 +88,7 @@ class Call:
 @dataclass
 class Plan:
     """The calls of a step, reusable while the parameters, which of them have a gradient, the
-    group structure, the state dicts and every value in them stay the objects they were when it
-    was built."""
+    group structure and ``optimizer.state`` stay the objects they were when it was built."""
 
     calls: dict[tuple[torch.device, tuple[bool, ...]], Call]
     checked_natively: bool  # one native call, whose own checks run before any write
@@ -95,8 +96,9 @@ class Plan:
     key: tuple = ()         # (id of the state dict, (size, state layout, capturable) of each group)
     params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
     has_grad: bytes = b""   # which of them had a gradient
-    states: list[dict] = field(default_factory=list)    # optimizer.state's values, in order
-    values: list = field(default_factory=list)          # every value of those, in order
+    state_keys: list = field(default_factory=list)      # optimizer.state's keys, in order
+    states: list[dict] = field(default_factory=list)    # its values, in order
+    items: list = field(default_factory=list)           # every key and value of those: k, v, k, v, ...
 
 
 @dataclass
@@ -111,20 +113,9 @@ class HyperTable:
     tensor_cells: list[tuple[int, int, Tensor]]  # (row, column, 0-d view of the tensor): copied at every call
 
 
-def _same_objects(new, old: list) -> bool:
-    """Whether ``new`` holds exactly the objects of ``old``, in order: a C-level identity scan."""
-    return len(new) == len(old) and all(map(operator.is_, new, old))
-
-
-def _state_values(states: list[dict]) -> list:
-    """Every value of every state dict, in order."""
-    return list(itertools.chain.from_iterable(map(dict.values, states)))
-
-
-def _same_values(states: list[dict], values: list) -> bool:
-    """Whether the state dicts hold exactly ``values``, in order (no list built: ~170 ns a dict)."""
-    return (sum(map(len, states)) == len(values)
-            and all(map(operator.is_, itertools.chain.from_iterable(map(dict.values, states)), values)))
+def _state_items(states: list[dict]) -> list:
+    """Every key and value of every state dict, in order: key, value, key, value, ..."""
+    return list(itertools.chain.from_iterable(itertools.chain.from_iterable(map(dict.items, states))))
 
 
 class StepCache:
@@ -135,20 +126,21 @@ class StepCache:
         self.tables: dict[torch.device, HyperTable] = {}
         self.captured: list[Tensor] = []  # host rows a captured CUDA graph re-reads at every replay
 
-    def kept_plan(self, key: tuple, params: list[Tensor], has_grad: bytes, states) -> Plan | None:
-        """The kept plan if it was built from exactly these objects, else None."""
+    def kept(self, key: tuple, param_lists: list[list[Tensor]], state: dict) -> tuple[Plan, list] | None:
+        """The kept plan and this step's gradients if the plan was built from exactly these
+        objects (``param_lists``: each group's parameter list), else None."""
         plan = self.plan
-        if (plan is None or plan.key != key or plan.has_grad != has_grad
-                or not _same_objects(params, plan.params) or not _same_objects(states, plan.states)
-                or not _same_values(plan.states, plan.values)):
+        if plan is None or plan.key != key:
             return None
-        return plan
+        grads = ops.kept_grads(param_lists, plan.params, plan.has_grad, state, plan.state_keys, plan.states, plan.items)
+        return None if grads is None else (plan, grads)
 
-    def keep(self, plan: Plan, key: tuple, params: list[Tensor], has_grad: bytes, states) -> None:
+    def keep(self, plan: Plan, key: tuple, params: list[Tensor], grads: list[Tensor | None], state: dict) -> None:
         """Keeps ``plan`` with what it was built from; its tensors box cheaply from now on."""
-        plan.key, plan.params, plan.has_grad = key, params, has_grad
-        plan.states = list(states)
-        plan.values = _state_values(plan.states)
+        plan.key, plan.params = key, params
+        plan.has_grad = bytes(g is not None for g in grads)
+        plan.state_keys, plan.states = list(state), list(state.values())
+        plan.items = _state_items(plan.states)
         for call in plan.calls.values():
             unwrapped = {k for k, *_ in call.wrapped}  # their views are made anew each step
             kept = [t for lst in (call.params, *call.states) for k, t in enumerate(lst) if k not in unwrapped]
