@@ -6,12 +6,15 @@ math in :mod:`lrfuse.lr_range`.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Literal, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import _TunerExitException
@@ -35,10 +38,11 @@ _SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs")
 _peak_lr = peak_lr  # the name this module used before the helpers moved to lrfuse.groups
 
 
-def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg) -> tuple[float, str]:
+def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int = 0) -> tuple[float, str]:
     """The mean LR factor (over its peak) of the schedule the suggestion will be used with, and what it is.
 
-    ``schedule`` is ``"auto"`` (the first :class:`LRSchedule` callback of ``trainer``, else a
+    ``schedule`` is ``"auto"`` (the first :class:`LRSchedule` callback of ``trainer``, else the torch
+    LR scheduler that ``configure_optimizers`` attached to optimizer ``optimizer_idx``, else a
     constant LR), ``None`` (a constant LR), an :class:`LRSchedule` (over its ``total_steps``, else
     the trainer's run), or any ``t -> factor`` (e.g. :func:`lrfuse.schedules.make_schedule`) over
     ``trainer.estimated_stepping_batches`` steps.
@@ -46,6 +50,8 @@ def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg) -> tuple[float, st
     """
     if schedule == "auto":
         schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
+        if schedule is None:
+            return _torch_scheduler_mean(trainer, optimizer_idx)
     if schedule is None:
         return 1.0, "constant LR"
     if isinstance(schedule, LRSchedule):
@@ -55,11 +61,63 @@ def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg) -> tuple[float, st
         name = f"LRSchedule({schedule.schedule!r})"
     else:
         fn, length, name = schedule, trainer.estimated_stepping_batches, repr(schedule)
-    if length is None or not math.isfinite(length) or length < 1:
+    if not _known_length(length):
         rank_zero_warn(f"LRFinder: the run's length is unknown (set max_steps or max_epochs), so {name} cannot be "
                        "averaged; suggesting for a constant LR")
         return 1.0, "constant LR"
     return mean_factor(fn, int(length)), name
+
+
+def _known_length(length) -> bool:
+    return length is not None and math.isfinite(length) and length >= 1
+
+
+# Longest torch scheduler run the finder simulates (a step of a scheduler costs ~10-50 us).
+_MAX_SIMULATED_STEPS = 200_000
+
+
+def _torch_scheduler_mean(trainer: pl.Trainer, optimizer_idx: int) -> tuple[float, str]:
+    """The mean factor of the first torch LR scheduler of optimizer ``optimizer_idx`` over the run
+    (``(1.0, "constant LR")`` without one), from a copy of it stepped on a stand-in optimizer: one
+    tensor per group and copies of the groups' other keys, so the real optimizer, its LRs and the
+    scheduler are untouched. A scheduler that follows a metric (ReduceLROnPlateau) cannot be
+    foreseen and counts as a constant LR."""
+    optimizers = trainer.optimizers
+    optimizer = optimizers[optimizer_idx] if optimizer_idx < len(optimizers) else None
+    config = next((c for c in trainer.lr_scheduler_configs
+                   if optimizer is not None and getattr(c.scheduler, "optimizer", None) is optimizer), None)
+    if config is None:
+        return 1.0, "constant LR"
+    scheduler = config.scheduler
+    name = type(scheduler).__name__
+    if config.reduce_on_plateau:
+        rank_zero_info(f"LRFinder: {name} follows a metric and cannot be foreseen; suggesting for a constant LR "
+                       "(pass schedule= to say what the LR will do)")
+        return 1.0, "constant LR"
+    length = trainer.estimated_stepping_batches if config.interval == "step" else trainer.max_epochs
+    if not _known_length(length) or length / config.frequency > _MAX_SIMULATED_STEPS:
+        rank_zero_warn(f"LRFinder: the run's length in {config.interval}s is {length}, so {name} cannot be averaged; "
+                       "suggesting for a constant LR (set max_steps or max_epochs, or pass schedule=)")
+        return 1.0, "constant LR"
+    steps = math.ceil(length / config.frequency)
+    try:
+        stand_in = torch.optim.SGD([{**copy.deepcopy({k: v for k, v in g.items() if k != "params"}),
+                                     "params": [torch.zeros(())]} for g in optimizer.param_groups])
+        simulated = copy.deepcopy(scheduler, memo={id(optimizer): stand_in})
+        lrs = [[float(g["lr"]) for g in stand_in.param_groups]]
+        with warnings.catch_warnings():  # it is stepped without optimizer steps, on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(steps - 1):
+                simulated.step()
+                lrs.append([float(g["lr"]) for g in stand_in.param_groups])
+    except Exception as error:  # a scheduler that cannot be copied or stepped alone
+        rank_zero_warn(f"LRFinder: could not simulate {name} ({type(error).__name__}: {error}); suggesting for a "
+                       "constant LR (pass schedule= to say what the LR will do)")
+        return 1.0, "constant LR"
+    # The group with the largest peak, as apply_lr's reference.
+    group = max(range(len(lrs[0])), key=lambda i: max(row[i] for row in lrs))
+    values = [row[group] for row in lrs]
+    return mean_factor(lambda t: values[int(t)], steps), f"{name} (torch, per {config.interval})"
 
 
 def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, reference: float | None = None,
@@ -135,7 +193,8 @@ class LRFinder(Callback):
     (tested bit for bit). Nothing is written to disk except the optional plot.
 
     The suggestion knows the schedule it will be used with: with an :class:`LRSchedule` callback in
-    the same trainer (or ``schedule=``), it is the schedule's *peak* LR, the constant-LR pick
+    the same trainer, a torch LR scheduler from ``configure_optimizers`` (simulated on a copy), or
+    ``schedule=``, it is the schedule's *peak* LR, the constant-LR pick
     divided by the schedule's mean factor (:func:`lrfuse.schedules.mean_factor`: about 0.5 for
     warm-up + cosine or one-cycle), so that the LRs summed over the run match; it never goes past
     the LR where the range test's loss stopped falling (see :func:`lrfuse.lr_range.suggest`).
@@ -153,7 +212,7 @@ class LRFinder(Callback):
         diverge_factor: stop when the smoothed loss exceeds this multiple of the best.
         bandwidth: smoothing width, a fraction of the number of points, in (0, 0.5].
         schedule: the LR schedule the suggestion is the peak of: ``"auto"`` (default: the trainer's
-            :class:`LRSchedule` callback, else a constant LR), ``None`` (constant LR), an
+            :class:`LRSchedule` callback, else the optimizer's torch LR scheduler, else a constant LR), ``None`` (constant LR), an
             :class:`LRSchedule`, or a ``t -> factor`` callable over the run's steps.
         apply: apply the suggestion to the optimizer and the model's LR attribute.
         attr_name: the model attribute / hparam that holds the LR (default: ``lr`` or ``learning_rate``).
@@ -213,7 +272,7 @@ class LRFinder(Callback):
             def progress(i: int, lr: float, loss: float) -> None:
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
-        mean, schedule_name = schedule_mean(trainer, self.schedule)
+        mean, schedule_name = schedule_mean(trainer, self.schedule, self.optimizer_idx)
         try:
             result = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,

@@ -356,3 +356,52 @@ def test_suggestion_is_the_peak_of_the_trainers_schedule(tmp_path):
     fit_trainer = quiet_trainer(tmp_path, max_steps=40, callbacks=[finder, LRSchedule("cosine", warmup_steps=4), lrs])
     fit_trainer.fit(Tiny(), datamodule=TinyData())
     assert finder.result.lr == pytest.approx(aware.lr) and max(lrs.lrs) == pytest.approx(aware.lr)
+
+
+class TorchScheduled(Tiny):
+    """Tiny with a per-step torch LR scheduler from configure_optimizers."""
+
+    def __init__(self, kind: str, steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.kind, self.steps = kind, steps
+
+    def configure_optimizers(self):
+        opt = lrfuse.FusedAdam(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler
+        if self.kind == "cosine":
+            scheduler = sched.CosineAnnealingLR(opt, T_max=self.steps)
+        else:
+            scheduler = sched.OneCycleLR(opt, max_lr=self.lr, total_steps=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle"])
+def test_suggestion_is_the_peak_of_a_torch_scheduler(kind, tmp_path):
+    """schedule="auto" reads the scheduler configure_optimizers returns: the sweep is the same, the
+    suggestion is that schedule's peak, and in fit the scheduler peaks at it."""
+    steps = 40
+    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40)
+    pl.seed_everything(0)
+    blind = find_lr(quiet_trainer(tmp_path, max_steps=steps), TorchScheduled(kind, steps), datamodule=TinyData(),
+                    schedule=None, **sweep)
+    pl.seed_everything(0)
+    aware = find_lr(quiet_trainer(tmp_path, max_steps=steps), TorchScheduled(kind, steps), datamodule=TinyData(), **sweep)
+    # The factors torch's scheduler gives over the run, from a scheduler of its own.
+    probe = lrfuse.FusedAdam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=steps) if kind == "cosine"
+                 else torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=1.0, total_steps=steps))
+    factors = []
+    for _ in range(steps):
+        factors.append(probe.param_groups[0]["lr"])
+        probe.step()
+        scheduler.step()
+    assert aware.lrs == blind.lrs and aware.losses == blind.losses
+    assert blind.schedule_mean == 1.0 and aware.schedule_mean == pytest.approx(sum(factors) / steps / max(factors))
+    assert aware.constant_lr == blind.lr and blind.lr < aware.lr <= blind.lr / aware.schedule_mean * (1 + 1e-12)
+
+    pl.seed_everything(0)
+    finder, lrs = LRFinder(**sweep), LRs()
+    trainer = quiet_trainer(tmp_path, max_steps=steps, callbacks=[finder, lrs])
+    trainer.fit(TorchScheduled(kind, steps), datamodule=TinyData())
+    assert finder.result.lr == pytest.approx(aware.lr)
+    assert max(lrs.lrs) == pytest.approx(aware.lr)  # the scheduler peaks at the suggestion
