@@ -51,7 +51,7 @@ from torch.nn import Parameter
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-import lrfuse
+from parity import PAIRS  # every algorithm of the parity suite: (fused class, torch class)
 
 # torch.testing._internal.common_utils (imported by common_optimizers) needs the small
 # `expecttest` package, and calls torch.backends.disable_global_flags() when imported, which
@@ -72,14 +72,6 @@ if _import_error is not None:
         allow_module_level=True,
     )
 
-PAIRS = {
-    "adam": (lrfuse.FusedAdam, torch.optim.Adam),
-    "adamw": (lrfuse.FusedAdamW, torch.optim.AdamW),
-    "rmsprop": (lrfuse.FusedRMSprop, torch.optim.RMSprop),
-    "sgd": (lrfuse.FusedSGD, torch.optim.SGD),
-    "adagrad": (lrfuse.FusedAdagrad, torch.optim.Adagrad),
-    "adadelta": (lrfuse.FusedAdadelta, torch.optim.Adadelta),
-}
 INFO = {name: next(info for info in optim_db if info.optim_cls is torch_cls)
         for name, (_, torch_cls) in PAIRS.items()}
 CLIQUEY = ("foreach", "fused", "differentiable")
