@@ -5,12 +5,17 @@ suggestions ``auto``, ``steepest``, ``valley`` and ``min10`` are read from the o
 with Lightning's (``Tuner(trainer).lr_find``, its steepest-gradient suggestion), both sweeping the
 same range (1e-5 .. 1, 100 steps) from the same seeded initial weights and batch order. Each
 suggestion is then trained at the dataset's fixed budget (the same number of steps for every run
-of a dataset) under two protocols: a constant LR, and linear warm-up (10% of the steps) then
-cosine to 0. ``lrfuse:auto+schedule`` is what ``LRFinder`` does by default: it reads the
-``LRSchedule`` callback of its trainer (the sweep runs in a trainer holding the warm-up + cosine
-protocol's), and its suggestion is that schedule's peak; under the constant protocol there is no
-schedule and it is ``lrfuse:auto``'s LR. ``lrfuse:auto+schedule-nocap`` is the ablation without
-the cap at the loss minimum. The reference is a 10-point log grid (1e-5 .. 1) trained the same way: the grid's
+of a dataset) under three protocols, the LR as the peak of the schedule: a constant LR; linear
+warm-up (10% of the steps) then cosine to 0; and one-cycle with ``LRSchedule("onecycle",
+total_steps=steps)``'s defaults (warm-up over the first 30% from peak/25, cosine annealing to
+peak/25e4). ``lrfuse:auto+schedule`` is what ``LRFinder`` does by default: it reads the
+``LRSchedule`` callback of its trainer, and its suggestion is that schedule's peak (the constant
+pick divided by the schedule's mean factor, capped at the LR of the smoothed loss minimum); under
+the constant protocol there is no schedule and it is ``lrfuse:auto``'s LR. The sweep runs once, in
+a trainer holding the warm-up + cosine protocol's callback; the one-cycle suggestion is read from
+the same curve with the mean factor the finder computes for the one-cycle protocol's callback (the
+sweep itself does not depend on the callback). ``lrfuse:auto+schedule-nocap`` is the ablation
+without the cap at the loss minimum. The reference is a 10-point log grid (1e-5 .. 1) trained the same way: the grid's
 best validation score. Reported per method, per dataset and pooled: the median and worst gap to
 the grid's best (points), the share of (seed, protocol) cases within 1 point, the spread of the
 suggestion across seeds (std of log10 lr, decades, per protocol, the worse one), its bias against the grid's best LR, the cost
@@ -18,7 +23,7 @@ in training steps, and silent failures (no suggestion, or a suggestion within a 
 sweep's minimum LR).
 
     python benchmarks/finder_quality.py                 # the full run (6 seeds, 5 datasets)
-    python benchmarks/finder_quality.py --smoke         # CI: 1 dataset, 1 seed, tiny budget
+    python benchmarks/finder_quality.py --smoke         # CI: 1 dataset, 1 seed, tiny budget, every protocol
     python benchmarks/finder_quality.py --datasets digits,friedman --seeds 0 1 2 --json out.json
     python benchmarks/finder_quality.py --merge a.json b.json --json all.json   # runs made side by side
 
@@ -73,7 +78,7 @@ LRFUSE_METHODS = ("auto", "steepest", "valley", "min10")
 # cap at the loss minimum (constant pick / mean factor alone), benchmark-only.
 SCHEDULE_METHODS = ("lrfuse:auto+schedule", "lrfuse:auto+schedule-nocap")
 METHODS = tuple(f"lrfuse:{m}" for m in LRFUSE_METHODS) + SCHEDULE_METHODS + ("lightning",)
-PROTOCOLS = ("constant", "warmup_cosine")
+PROTOCOLS = ("constant", "warmup_cosine", "onecycle")
 GRID_RANGE = (1e-5, 1.0)
 FALLBACK_LR = 1e-3  # the model's LR, kept when a finder makes no suggestion
 BATCH = 64
@@ -90,7 +95,8 @@ class Spec:
     steps: int  # training steps of every run of this dataset
 
 
-# Budgets chosen so the full run (5 datasets x 6 seeds x 2 protocols) takes ~25 min on 2 shared vCPUs.
+# Budgets chosen so the full run (5 datasets x 6 seeds x 2 protocols) took ~12 min on 2 shared vCPUs; with
+# the third protocol, ~27 min one dataset at a time (digits_cnn ~14 of them) on the same, loaded, VM.
 SPECS = {
     "digits": Spec("digits", "clf", "mlp", 300),
     "digits_cnn": Spec("digits_cnn", "clf", "cnn", 300),
@@ -187,12 +193,20 @@ class Case:
 
 
 def protocol_schedule(protocol: str, steps: int):
-    """``(LRSchedule callback, its factor function)`` of a protocol; ``(None, constant)`` for constant."""
+    """``(LRSchedule callback, its factor function)`` of a protocol; ``(None, constant)`` for constant.
+
+    ``onecycle`` uses the callback's and ``make_schedule``'s defaults (``pct_start=0.3``,
+    ``div_factor=25``, ``final_div_factor=1e4``): what a user gets from ``LRSchedule("onecycle")``.
+    """
     from lrfuse.lightning import LRSchedule
     from lrfuse.schedules import make_schedule
 
     if protocol == "constant":
         return None, make_schedule("constant")
+    if protocol == "onecycle":
+        return LRSchedule("onecycle", total_steps=steps), make_schedule("onecycle", total_steps=steps)
+    if protocol != "warmup_cosine":
+        raise ValueError(f"unknown protocol {protocol!r}")
     kwargs = dict(total_steps=steps, warmup_steps=max(1, steps // 10))
     return LRSchedule("cosine", **kwargs), make_schedule("cosine", **kwargs)
 
@@ -252,29 +266,41 @@ def _trainer(root: str, **kwargs):
                       default_root_dir=root, **kwargs)
 
 
-def run_lrfuse(case: Case, finder: dict, root: str, steps: int) -> tuple[dict[str, dict[str, float | None]], int]:
+def run_lrfuse(case: Case, finder: dict, root: str, steps: int, protocols=PROTOCOLS) -> tuple[dict[str, dict[str, float | None]], int]:
     """One lrfuse sweep; per protocol, the suggestion of every method from its curve, and the steps it took.
 
     The sweep runs in a trainer holding the warm-up + cosine protocol's ``LRSchedule`` callback, so
-    ``find_lr``'s own suggestion is the schedule-aware one (the finder detects the callback); the
+    ``find_lr``'s own suggestion is the schedule-aware one (the finder detects the callback). The
+    other scheduled protocols' suggestions are read from the same curve with the mean factor the
+    finder computes for their callback (``lrfuse.lightning.finder.schedule_mean``), which is what
+    ``LRFinder`` suggests in a trainer holding that callback: the sweep does not depend on it. The
     schedule-blind methods are read from the same curve with ``schedule_mean=1``.
     """
     import lightning.pytorch as pl
 
     from lrfuse import find_lr
+    from lrfuse.lightning.finder import schedule_mean
     from lrfuse.schedules import mean_factor
 
     pl.seed_everything(case.seed, verbose=False)
     callback, fn = protocol_schedule("warmup_cosine", steps)
-    result = find_lr(_trainer(root, max_epochs=1, callbacks=[callback]), _module(case),
-                     train_dataloaders=case.loader(), **finder)
-    mean = mean_factor(fn, steps)
-    assert result.schedule_mean == mean and result.suggest("auto").lr == result.lr
+    trainer = _trainer(root, max_epochs=1, callbacks=[callback])
+    result = find_lr(trainer, _module(case), train_dataloaders=case.loader(), **finder)
+    assert result.schedule_mean == mean_factor(fn, steps) and result.suggest("auto").lr == result.lr
     blind = {f"lrfuse:{m}": result.suggest(m, schedule_mean=1.0).lr for m in LRFUSE_METHODS}
     auto = blind["lrfuse:auto"]
-    out = {"constant": {**blind, "lrfuse:auto+schedule": auto, "lrfuse:auto+schedule-nocap": auto},
-           "warmup_cosine": {**blind, "lrfuse:auto+schedule": result.lr,
-                             "lrfuse:auto+schedule-nocap": None if auto is None else auto / mean}}
+    out = {}
+    for protocol in protocols:
+        if protocol == "constant":
+            out[protocol] = {**blind, "lrfuse:auto+schedule": auto, "lrfuse:auto+schedule-nocap": auto}
+            continue
+        cb, fn = protocol_schedule(protocol, steps)
+        mean, _ = schedule_mean(trainer, cb)
+        assert mean == mean_factor(fn, steps)
+        aware = result.suggest("auto", schedule_mean=mean).lr
+        assert protocol != "warmup_cosine" or aware == result.lr
+        out[protocol] = {**blind, "lrfuse:auto+schedule": aware,
+                         "lrfuse:auto+schedule-nocap": None if auto is None else auto / mean}
     return out, len(result.lrs)
 
 
@@ -292,7 +318,8 @@ def run_lightning(case: Case, finder: dict, root: str) -> tuple[float | None, in
 
 # ----------------------------------------------------------------------------- the benchmark
 
-def run_case(spec: Spec, seed: int, grid: np.ndarray, finder: dict, steps: int, root: str) -> dict:
+def run_case(spec: Spec, seed: int, grid: np.ndarray, finder: dict, steps: int, root: str,
+             protocols=PROTOCOLS) -> dict:
     case = Case(spec, seed)
     cache: dict[tuple[str, float], float] = {}
 
@@ -303,15 +330,15 @@ def run_case(spec: Spec, seed: int, grid: np.ndarray, finder: dict, steps: int, 
         return cache[key]
 
     t0 = time.perf_counter()
-    suggestions, lrfuse_steps = run_lrfuse(case, finder, root, steps)
+    suggestions, lrfuse_steps = run_lrfuse(case, finder, root, steps, protocols)
     light, light_steps = run_lightning(case, finder, root)
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         suggestions[protocol]["lightning"] = light
     finder_steps = {m: light_steps if m == "lightning" else lrfuse_steps for m in METHODS}
     t1 = time.perf_counter()
     out = {"dataset": spec.name, "seed": seed, "steps": steps, "suggested": suggestions,
            "finder_steps": finder_steps, "protocols": {}}
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         grid_scores = [trained(lr, protocol) for lr in grid]
         best_i = int(np.argmax(grid_scores))
         methods = {}
@@ -391,14 +418,24 @@ HEADER = ("| cases | method | median gap | worst gap | within 1 pt | spread (dec
           "cost: sweep / +run | failures | targets |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
 
 
+def protocols_of(cases: list[dict]) -> list[str]:
+    """The protocols the cases were trained under, in PROTOCOLS' order (every case has each)."""
+    present = [p for p in PROTOCOLS if any(p in c["protocols"] for c in cases)]
+    missing = [(c["dataset"], c["seed"]) for c in cases if set(c["protocols"]) != set(present)]
+    if missing:
+        raise SystemExit(f"cases {missing} lack some of the protocols {present}; report them apart")
+    return present
+
+
 def report(cases: list[dict]) -> tuple[str, dict]:
+    protocols = protocols_of(cases)
     summary = {"pooled": summarize(cases),
-               "by_protocol": {p: summarize([_only(c, p) for c in cases]) for p in PROTOCOLS},
+               "by_protocol": {p: summarize([_only(c, p) for c in cases]) for p in protocols},
                "by_dataset": {}, "by_dataset_protocol": {}, "grid_best_spread": {}}
     lines = [HEADER]
     for m in METHODS:
         lines.append(_row("all", m, summary["pooled"][m]))
-    for p in PROTOCOLS:
+    for p in protocols:
         summary["grid_best_spread"][p] = grid_spread(cases, p)
         for m in METHODS:
             lines.append(_row(p, m, summary["by_protocol"][p][m]))
@@ -407,7 +444,7 @@ def report(cases: list[dict]) -> tuple[str, dict]:
     for d in sorted({c["dataset"] for c in cases}, key=list(SPECS).index):
         sub = [c for c in cases if c["dataset"] == d]
         summary["by_dataset"][d] = summarize(sub)
-        summary["by_dataset_protocol"][d] = {p: summarize([_only(c, p) for c in sub]) for p in PROTOCOLS}
+        summary["by_dataset_protocol"][d] = {p: summarize([_only(c, p) for c in sub]) for p in protocols}
         for m in METHODS:
             lines.append(_row(d, m, summary["by_dataset"][d][m]))
     lines.append("")
@@ -415,7 +452,7 @@ def report(cases: list[dict]) -> tuple[str, dict]:
                  + " | ".join(f"{m} gap" for m in METHODS) + " |")
     lines.append("|---|---|---|--:|" + "--:|" * len(METHODS))
     for d in summary["by_dataset"]:
-        for p in PROTOCOLS:
+        for p in protocols:
             sub = [c for c in cases if c["dataset"] == d]
             best = " ".join(f"{c['protocols'][p]['best_lr']:.0e}" for c in sub)
             med = float(np.median([c["protocols"][p]["best_score"] for c in sub]))
@@ -440,6 +477,8 @@ def merge(paths: list[str], out: str | None) -> int:
     print(table)
     meta = {**runs[0]["meta"], "merged": [r["meta"]["argv"] for r in runs],
             "seconds": sum(r["meta"]["seconds"] for r in runs), "wall_seconds": max(r["meta"]["seconds"] for r in runs),
+            "process_seconds": sum(r["meta"].get("process_seconds", math.nan) for r in runs),
+            "protocols": protocols_of(cases),
             "datasets": list(dict.fromkeys(d for r in runs for d in r["meta"]["datasets"])),
             "seeds": {d: sorted({c["seed"] for c in cases if c["dataset"] == d}) for d in {c["dataset"] for c in cases}},
             "steps": {k: v for r in runs for k, v in r["meta"]["steps"].items()}}
@@ -457,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override every dataset's training budget")
     parser.add_argument("--grid", type=int, default=None, help="grid points over 1e-5 .. 1 (default 10)")
     parser.add_argument("--finder-steps", type=int, default=None, help="range-test steps (default 100)")
+    parser.add_argument("--protocols", default=None,
+                        help=f"comma-separated, of {','.join(PROTOCOLS)} (default all, smoke too)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "finder_quality.json"))
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -470,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in datasets if d not in SPECS]
     if unknown:
         parser.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(SPECS)}")
+    protocols = [p for p in PROTOCOLS if p in args.protocols.split(",")] if args.protocols else list(PROTOCOLS)
+    if args.protocols and (not protocols or set(args.protocols.split(",")) - set(PROTOCOLS)):
+        parser.error(f"--protocols: choose from {', '.join(PROTOCOLS)}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.smoke else list(range(6)))
     n_grid = args.grid or (4 if args.smoke else 10)
     finder = dict(min_lr=GRID_RANGE[0], max_lr=GRID_RANGE[1], num_steps=args.finder_steps or (40 if args.smoke else 100))
@@ -493,14 +537,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = SPECS[d]
             steps = args.steps or (60 if args.smoke else spec.steps)
             for seed in seeds:
-                c = run_case(spec, seed, grid, finder, steps, root)
+                c = run_case(spec, seed, grid, finder, steps, root, protocols)
                 cases.append(c)
                 sug = "  ".join(f"{m} {v:.2g}" if v else f"{m} -" for m, v in c["suggested"]["constant"].items()
                                 if m not in SCHEDULE_METHODS)
-                aware = c["suggested"]["warmup_cosine"]["lrfuse:auto+schedule"]
-                sug += f"  auto+schedule (warmup_cosine) {aware:.2g}" if aware else "  auto+schedule -"
+                for p in protocols[1:] if protocols[0] == "constant" else protocols:
+                    aware = c["suggested"][p]["lrfuse:auto+schedule"]
+                    sug += f"  auto+schedule ({p}) {aware:.2g}" if aware else f"  auto+schedule ({p}) -"
                 best = "  ".join(f"{p} {c['protocols'][p]['best_lr']:.0e}:{c['protocols'][p]['best_score']:.1f}"
-                                 for p in PROTOCOLS)
+                                 for p in protocols)
                 print(f"{d} seed {seed}: {sug} | grid best {best} | "
                       f"{c['seconds']['finders']:.1f}+{c['seconds']['training']:.1f} s", flush=True)
     total = time.perf_counter() - start
@@ -510,13 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     spread = summary["grid_best_spread"]
     print("\nthe grid's own best LR across seeds, std of log10 (worst dataset): "
           + ", ".join(f"{p} {v:.2f}" for p, v in spread.items()))
-    print(f"\n{len(cases)} (dataset, seed) cases x {len(PROTOCOLS)} protocols in {total:.0f} s")
+    print(f"\n{len(cases)} (dataset, seed) cases x {len(protocols)} protocols in {total:.0f} s "
+          f"({time.process_time():.0f} s process time)")
     import lightning
     import sklearn
 
     import lrfuse
     meta = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "seconds": total,
             "argv": sys.argv[1:] if argv is None else argv, "datasets": datasets, "seeds": seeds,
+            "protocols": protocols, "process_seconds": time.process_time(),
             "grid": grid.tolist(), "finder": finder, "fallback_lr": FALLBACK_LR, "batch": BATCH,
             "steps": {d: args.steps or (60 if args.smoke else SPECS[d].steps) for d in datasets},
             "targets": TARGETS, "threads": args.threads,
