@@ -8,6 +8,12 @@ Two signals, checked every ``every_n_steps`` optimizer steps:
 * the training loss (averaged over ranks): non-finite or rising well above its best means the LR
   is too high; flat while the updates are small means it is too low.
 
+The verdict reads the whole history, not only the last checks: a loss that at any point was
+non-finite or exploded far above its start and has not since fallen below that start, or that never
+fell while the updates were large, stays "too high" even once the weights have stopped moving (an
+LR far too high kills the units, the updates then shrink and the last checks alone would say "too
+low").
+
 The decision rules are the pure :class:`HealthRules` and :func:`loss_verdict` (a loss curve alone:
 too high / too low / ok, also used by LR search); the callback only measures, logs and keeps state.
 """
@@ -61,18 +67,39 @@ def loss_state(losses: Sequence[float], best: float | None = None, diverge_facto
     return None
 
 
+def _exploded(loss: float, first: float, explode_factor: float) -> bool:
+    """Non-finite, or above ``first + (explode_factor - 1) * |first|`` (the start of the curve)."""
+    return not math.isfinite(loss) or loss > first + (explode_factor - 1) * abs(first)
+
+
+def _fallen(recent: Sequence[float], first: float, fall_tol: float) -> bool:
+    """The mean of ``recent`` (finite) below ``first - fall_tol * |first|``: the loss has come down."""
+    if not recent or not all(math.isfinite(v) for v in recent):
+        return False
+    return sum(recent) / len(recent) < first - fall_tol * abs(first)
+
+
 def loss_verdict(losses: Sequence[float], diverge_factor: float = 2.0, flat_tol: float = 1e-3,
-                 window: int = 8) -> tuple[str, str]:
+                 window: int = 8, explode_factor: float = 10.0, fall_tol: float = 0.25) -> tuple[str, str]:
     """``(verdict, why)`` of an LR from its loss curve alone: ``too_high`` (non-finite or risen well
-    above its best), ``too_low`` (flat over the last ``window`` points) or ``ok``.
+    above its best now, or at any point non-finite or above ``explode_factor`` times its first value
+    and not fallen below that first value since), ``too_low`` (flat over the last ``window`` points)
+    or ``ok``.
 
     Example:
         >>> loss_verdict([2.3, 1.9, 1.5, float("nan")])
         ('too_high', 'training loss diverging')
+        >>> loss_verdict([2.3, 5e4, 40.0] + [2.3] * 8)[0]  # exploded, then flat at its start
+        'too_high'
     """
     state = loss_state(losses, None, diverge_factor, flat_tol, window)
     if state in ("diverging", "rising"):
         return TOO_HIGH, f"training loss {state}"
+    if len(losses) and math.isfinite(losses[0]):
+        first = losses[0]
+        peak = next((v for v in losses if _exploded(v, first, explode_factor)), None)
+        if peak is not None and not _fallen(losses[-3:], first, fall_tol):
+            return TOO_HIGH, f"training loss exploded (to {peak:.3g}) and has not fallen below its start ({first:.3g}) since"
     if state == "flat":
         return TOO_LOW, "training loss flat"
     return OK, ""
@@ -89,6 +116,15 @@ class HealthRules:
         diverge_factor: a window-mean loss above ``best + (k - 1) * |best|`` means too high.
         flat_tol: relative fall of the loss across the history below which it is flat.
         patience: consecutive checks a ratio must stay out of range before it is flagged.
+        explode_factor: a loss (at any check) non-finite or above ``first + (k - 1) * |first|``,
+            ``first`` the loss of the first check, has exploded: too high until the loss has fallen
+            (``fall_tol``), however small the updates have become since; and once a loss has
+            exploded, small updates never make the verdict too low (the units an explosion kills
+            stop moving: raising the LR would be the wrong advice).
+        fall_tol: the loss has fallen when the mean of the last ``patience`` losses is below
+            ``first - fall_tol * |first|``. After ``patience + 1`` checks, a loss that has not
+            fallen while the group's update ratio was above ``high_ratio`` at ``patience`` checks or
+            more (of those the caller passes: the monitor keeps the last 100) means too high too.
     """
 
     high_ratio: float = 0.1
@@ -97,12 +133,23 @@ class HealthRules:
     diverge_factor: float = 2.0
     flat_tol: float = 1e-3
     patience: int = 3
+    explode_factor: float = 10.0
+    fall_tol: float = 0.25
     _losses: deque = field(default_factory=lambda: deque(maxlen=8))
     _best: float = math.inf
+    _first: float | None = None  # the loss of the first check (finite), the reference of the history rules
+    _peak: float | None = None  # the first loss that exploded (inf for a non-finite one), None if none did
+    _count: int = 0  # losses recorded
 
     def add_loss(self, mean_loss: float) -> None:
         """Record the mean training loss of the last window."""
         self._losses.append(mean_loss)
+        self._count += 1
+        if self._first is None and math.isfinite(mean_loss):
+            self._first = mean_loss
+        if self._peak is None and (not math.isfinite(mean_loss)
+                                   or (self._first is not None and _exploded(mean_loss, self._first, self.explode_factor))):
+            self._peak = mean_loss if math.isfinite(mean_loss) else math.inf
         if math.isfinite(mean_loss):
             self._best = min(self._best, mean_loss)
 
@@ -111,20 +158,49 @@ class HealthRules:
         return loss_state(list(self._losses), self._best, self.diverge_factor, self.flat_tol, self._losses.maxlen)
 
     def state_dict(self) -> dict:
-        return {"losses": list(self._losses), "best": self._best}
+        return {"losses": list(self._losses), "best": self._best, "first": self._first, "peak": self._peak,
+                "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
         self._losses = deque(state["losses"], maxlen=self._losses.maxlen)
         self._best = float(state["best"])
+        if "first" in state:
+            self._first, self._peak, self._count = state["first"], state["peak"], int(state["count"])
+            return
+        # A state dict from before the history rules: rebuild what the kept losses tell.
+        finite = [v for v in self._losses if math.isfinite(v)]
+        self._first, self._count = (finite[0] if finite else None), len(self._losses)
+        self._peak = next((v if math.isfinite(v) else math.inf for v in self._losses
+                           if self._first is not None and _exploded(v, self._first, self.explode_factor)), None)
+
+    def _history(self, ratios: list[float]) -> str | None:
+        """Why the whole history says too high (exploded, or never fell with large updates), or None."""
+        if self._first is None or _fallen(list(self._losses)[-self.patience:], self._first, self.fall_tol):
+            return None
+        if self._peak is not None:
+            peak = "non-finite" if math.isinf(self._peak) else f"{self._peak:.3g}"
+            return f"training loss exploded ({peak}) and has not fallen below its start ({self._first:.3g}) since"
+        large = [r for r in ratios if math.isfinite(r) and r > self.high_ratio]
+        if self._count > self.patience and len(large) >= self.patience:
+            return (f"training loss never fell below its start ({self._first:.3g}) with update/weight ratios "
+                    f"up to {max(large):.2g} > {self.high_ratio:g}")
+        return None
 
     def verdict(self, ratios: list[float]) -> tuple[str, str]:
-        """``(status, why)`` of a group from its last ``patience`` ratios (most recent last)."""
+        """``(status, why)`` of a group from its update ratios (most recent last; the last ``patience``
+        for the ratio rules, all of them for the "never fell with large updates" one) and the whole
+        loss history."""
         loss = self.loss_state()
         recent = ratios[-self.patience:]
         if loss in ("diverging", "rising"):
             return TOO_HIGH, f"training loss {loss}"
+        why = self._history(ratios)
+        if why:
+            return TOO_HIGH, why
         if len(recent) >= self.patience and all(r > self.high_ratio for r in recent):
             return TOO_HIGH, f"update/weight ratio {recent[-1]:.2g} > {self.high_ratio:g} for {len(recent)} checks"
+        if self._peak is not None:
+            return OK, ""  # exploded, then fell: small updates now are the explosion's dead units, not a low LR
         if len(recent) >= self.patience and all(r < self.low_ratio for r in recent):
             return TOO_LOW, f"update/weight ratio {recent[-1]:.2g} < {self.low_ratio:g} for {len(recent)} checks"
         if loss == "flat" and recent and recent[-1] < self.flat_ratio:
@@ -166,7 +242,8 @@ class LRHealthMonitor(Callback):
 
     Args:
         every_n_steps: check period in optimizer steps (the check copies each group's weights once).
-        high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience: see :class:`HealthRules`.
+        high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience, explode_factor, fall_tol:
+            see :class:`HealthRules`.
         warn: warn when a verdict turns bad.
 
     Raises:
@@ -178,11 +255,12 @@ class LRHealthMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 10, high_ratio: float = 0.1, low_ratio: float = 1e-5,
                  flat_ratio: float = 1e-4, diverge_factor: float = 2.0, flat_tol: float = 1e-3, patience: int = 3,
-                 warn: bool = True) -> None:
+                 warn: bool = True, explode_factor: float = 10.0, fall_tol: float = 0.25) -> None:
         if every_n_steps < 1:
             raise ValueError(f"LRHealthMonitor: every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.warn = every_n_steps, warn
-        self.rules = HealthRules(high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience)
+        self.rules = HealthRules(high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience,
+                                 explode_factor, fall_tol)
         self._history = max(HISTORY, patience)
         self.status: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
