@@ -167,14 +167,14 @@ def test_pbt_exploits_and_perturbs_through_an_lr_schedule(tmp_path, ray_session)
     assert moved, result.table()
     _ratios_kept(result)
     assert result.lr is not None
+    # A moved trial reported after its restart, and every report's LR is the cosine from the LR of
+    # the trial at that report. (Whether Tune keeps the report that triggered the exploit, so that
+    # one trial's rows show both LRs, depends on timing: CI saw it drop it.)
+    assert any(r["step"] > t.start_step for t in moved for r in t.reports), result.table()
     cosine = make_schedule("cosine", total_steps=STEPS)
-    changed = 0
     for t in result.trials:
-        lrs = [r["trial_lr"] for r in t.reports]
-        changed += len(set(lrs)) > 1
         for r in t.reports:  # the LR of the report's last step: set at step - 1
             assert r["lr"] == pytest.approx(r["trial_lr"] * cosine(r["step"] - 1), rel=1e-9), (t.lr, t.reports)
-    assert changed, "no trial changed its LR during the run"
 
 
 # Exact resume: 10 batches an epoch (1,257 training images, batches of 125) and a report every 5
