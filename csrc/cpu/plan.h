@@ -60,7 +60,7 @@ class Plan {
   }
 
   // Reading a tensor's data pointer touches its storage object, a cache miss per operand when
-  // the step's tensors are many and small: adding tensor i fetches those of tensor i + kAhead.
+  // the step's tensors are many and small: adding tensor i fetches those of tensor i + kPrefetchAhead.
   static void prefetch(const std::array<const at::Tensor*, kMaxOperands>& operands) {
     for (const at::Tensor* t : operands)
       if (t) __builtin_prefetch(t->unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
