@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lrfuse
-from parity import FP32, PAIRS, assert_same, clone_like, leaf, step_both
+from parity import ALGORITHMS, FP32, LR, PAIRS, assert_same, clone_like, leaf, step_both
 
 
 def pair(name="adam", dtype=torch.float32, **kwargs):
@@ -307,3 +307,34 @@ def test_group_value_changed_in_place(edit):
         else:
             opt.param_groups[0]["betas"][0] = 0.5
     step_both(params, ref, fused, oracle, f"after {edit} changed in place")
+
+
+# Autograd counts in-place writes (a tensor's `_version`) to catch a backward that would read a
+# saved tensor changed since: the step writes like torch's default (for-loop, foreach) steps.
+@pytest.mark.parametrize("name", PAIRS)
+def test_step_bumps_the_version_of_every_tensor_it_writes(name):
+    params = [leaf(torch.randn(6, 5)), leaf(torch.randn(5))]
+    opt = PAIRS[name][0](params, lr=LR[name], **ALGORITHMS[name].low_precision)  # every state in use
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        grads = [(p.grad, p.grad._version) for p in params]
+        before = [(t, t._version) for p in params for t in (p, *opt.state.get(p, {}).values())]
+        opt.step()
+        written = [(t, t._version) for p in params for t in (p, *opt.state[p].values())]
+        assert len(written) == len(params) * (1 + len(opt._rule.all_states) + opt._rule.counts_steps)
+        for t, version in before:
+            assert t._version > version, f"step {step}: a written tensor kept version {version}"
+        for grad, version in grads:
+            assert grad._version == version  # read only
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_backward_through_a_parameter_the_step_changed_raises_as_in_torch(name):
+    for cls in PAIRS[name]:
+        w, x = leaf(torch.randn(3, 3)), leaf(torch.randn(2, 3))
+        loss = (x @ w).sum()  # saves w for x's gradient
+        w.grad = torch.ones(3, 3)
+        cls([w], lr=LR[name]).step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

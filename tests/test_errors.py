@@ -10,20 +10,24 @@ from parity import leaf
 
 
 def snapshot(opt):
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    """Values and versions (autograd's count of in-place writes) of every parameter and state tensor."""
+    params = [(p.detach().clone(), p._version) for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: (v.clone(), v._version) for k, v in s.items()} for p, s in opt.state.items()}
     return params, state
 
 
 def assert_unchanged(opt, before):
     params, state = before
     now = [p for g in opt.param_groups for p in g["params"]]
-    for p, b in zip(now, params):
-        assert torch.equal(p.detach(), b)
+    for p, (value, version) in zip(now, params):
+        assert torch.equal(p.detach(), value)
+        assert p._version == version
     assert {id(p) for p in opt.state} == set(state)
     for p, s in opt.state.items():
         for k, v in s.items():
-            assert torch.equal(v, state[id(p)][k]), k
+            value, version = state[id(p)][k]
+            assert torch.equal(v, value), k
+            assert v._version == version, k
 
 
 @pytest.mark.parametrize(
@@ -132,14 +136,13 @@ native = pytest.mark.skipif(lrfuse.ops.backend("cpu") != "native", reason="lrfus
 def test_op_rejects_bad_arguments_before_writing(change, match):
     args = op_args()
     change(args)
-    params_before = [p.clone() for p in args["params"]]
-    steps_before = [s.clone() for s in args["steps"]]
+    written = [t for key in ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps") for t in args[key]]
+    before = [(t.clone(), t._version) for t in written]
     with pytest.raises(RuntimeError, match=match):
         torch.ops.lrfuse.fused_adam_(**args)
-    for p, b in zip(args["params"], params_before):
-        assert torch.equal(p, b)
-    for s, b in zip(args["steps"], steps_before):
-        assert torch.equal(s, b)
+    for t, (value, version) in zip(written, before):
+        assert torch.equal(t, value)
+        assert t._version == version  # a refused call bumps no version either
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
