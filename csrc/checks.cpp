@@ -54,7 +54,7 @@ void check_step(const FusedArgs& a, const at::Tensor& t, size_t i, const at::Dev
 
 }  // namespace
 
-void check_fused_args(const FusedArgs& a) {
+void check_call_args(const FusedArgs& a) {
   const size_t n = a.params.size();
   auto check_len = [&](const char* name, size_t len) {
     TORCH_CHECK(len == n, a.op, ": ", name, " has ", len, " entries but params has ", n,
@@ -79,33 +79,44 @@ void check_fused_args(const FusedArgs& a) {
               " but params are on ", device, "; build the table on the parameters' device");
   if (a.grad_scale) check_scalar(a, "grad_scale", *a.grad_scale, device);
   if (a.found_inf) check_scalar(a, "found_inf", *a.found_inf, device);
+}
 
-  std::vector<std::pair<const void*, size_t>> starts;
-  starts.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = a.params[i];
-    TORCH_CHECK(p.defined() && p.layout() == at::kStrided, a.op, ": params[", i, "] must be a dense tensor");
-    TORCH_CHECK(!p.is_complex(), a.op, ": params[", i, "] is complex (", p.scalar_type(),
-                "); pass torch.view_as_real of the parameter, its gradient and its state");
-    TORCH_CHECK(supported_dtype(p.scalar_type()), a.op, ": params[", i, "] is ", p.scalar_type(),
-                "; supported dtypes are float32, float64, float16 and bfloat16");
-    TORCH_CHECK(p.device() == device, a.op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
-                device, "; all tensors of one call must share a device (call once per device)");
-    TORCH_CHECK(a.group_of[i] >= 0 && a.group_of[i] < a.hyper.size(0), a.op, ": group_of[", i, "] is ",
-                a.group_of[i], " but hyper has ", a.hyper.size(0), " rows");
-    check_owns_elements(a, "params", p, i);
-    check_like_param(a, "grads", a.grads[i], i);
-    for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
-    for (const auto& [name, list] : a.optional_states)
-      if (!list.empty()) check_written(a, name, list[i], i);
-    if (a.has_steps) check_step(a, a.steps[i], i, device);
-    if (p.numel() > 0) starts.emplace_back(p.data_ptr(), i);
-  }
+void check_tensor(const FusedArgs& a, size_t i) {
+  const at::Tensor& p = a.params[i];
+  const at::Device device = a.params[0].device();
+  TORCH_CHECK(p.defined() && p.layout() == at::kStrided, a.op, ": params[", i, "] must be a dense tensor");
+  TORCH_CHECK(!p.is_complex(), a.op, ": params[", i, "] is complex (", p.scalar_type(),
+              "); pass torch.view_as_real of the parameter, its gradient and its state");
+  TORCH_CHECK(supported_dtype(p.scalar_type()), a.op, ": params[", i, "] is ", p.scalar_type(),
+              "; supported dtypes are float32, float64, float16 and bfloat16");
+  TORCH_CHECK(p.device() == device, a.op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+              device, "; all tensors of one call must share a device (call once per device)");
+  TORCH_CHECK(a.group_of[i] >= 0 && a.group_of[i] < a.hyper.size(0), a.op, ": group_of[", i, "] is ",
+              a.group_of[i], " but hyper has ", a.hyper.size(0), " rows");
+  check_owns_elements(a, "params", p, i);
+  check_like_param(a, "grads", a.grads[i], i);
+  for (const auto& [name, list] : a.states) check_written(a, name, list[i], i);
+  for (const auto& [name, list] : a.optional_states)
+    if (!list.empty()) check_written(a, name, list[i], i);
+  if (a.has_steps) check_step(a, a.steps[i], i, device);
+}
+
+void check_distinct(const FusedArgs& a) {
   // A parameter passed twice would be updated twice.
+  std::vector<std::pair<const void*, size_t>> starts;
+  starts.reserve(a.params.size());
+  for (size_t i = 0; i < a.params.size(); ++i)
+    if (a.params[i].numel() > 0) starts.emplace_back(a.params[i].data_ptr(), i);
   std::sort(starts.begin(), starts.end());
   for (size_t k = 1; k < starts.size(); ++k)
     TORCH_CHECK(starts[k].first != starts[k - 1].first, a.op, ": params[", starts[k - 1].second,
                 "] and params[", starts[k].second, "] share memory; pass each parameter once");
+}
+
+void check_fused_args(const FusedArgs& a) {
+  check_call_args(a);
+  for (size_t i = 0; i < a.params.size(); ++i) check_tensor(a, i);
+  check_distinct(a);
 }
 
 }  // namespace lrfuse

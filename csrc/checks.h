@@ -26,6 +26,11 @@ struct FusedArgs {
   const std::optional<at::Tensor>& found_inf;
 };
 
-void check_fused_args(const FusedArgs& a);
+// Every check of a call, in this order (a backend may run check_tensor in parallel, for a call's
+// tensors in any order, provided that it reports the error of the first failing tensor):
+void check_call_args(const FusedArgs& a);         // list lengths, the hyper table, grad_scale, found_inf
+void check_tensor(const FusedArgs& a, size_t i);  // tensor i: parameter, gradient, state, step, group row
+void check_distinct(const FusedArgs& a);          // no parameter passed twice
+void check_fused_args(const FusedArgs& a);        // all three
 
 }  // namespace lrfuse

@@ -53,17 +53,22 @@ std::string schema() {
   return s + "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()";
 }
 
-// The argument checks of checks.h, named after the rule's lists.
+// The arguments as checks.h sees them, named after the rule's lists.
 template <typename Rule>
-void check_call(const FusedCall& call) {
-  FusedArgs args{nullptr, call.params, call.grads, {}, {}, call.steps, Rule::kCountsSteps, call.group_of,
+FusedArgs fused_args(const FusedCall& call) {
+  static const std::string name = op_name<Rule>();
+  FusedArgs args{name.c_str(), call.params, call.grads, {}, {}, call.steps, Rule::kCountsSteps, call.group_of,
                  call.hyper, Rule::kColumns, call.grad_scale, call.found_inf};
-  const std::string name = op_name<Rule>();
-  args.op = name.c_str();
   int k = 0;
   for (const char* state : Rule::kStates) args.states.push_back({state, call.states[k++]});
   for (const char* state : Rule::kOptionalStates) args.optional_states.push_back({state, call.states[k++]});
-  check_fused_args(args);
+  return args;
+}
+
+// Every check of checks.h, in order (a backend with no pass over the tensors of its own).
+template <typename Rule>
+void check_call(const FusedCall& call) {
+  check_fused_args(fused_args<Rule>(call));
 }
 
 // Which optional states a call carries: bit k set when optional list k is not empty.

@@ -145,6 +145,20 @@ def test_op_rejects_bad_arguments_before_writing(change, match):
         assert t._version == version  # a refused call bumps no version either
 
 
+@native
+def test_op_names_the_first_bad_tensor_of_a_large_call():
+    """A large call checks its tensors in parallel; the error is still the first bad tensor's."""
+    for _ in range(5):
+        args = op_args(n=3000)
+        # Late in the first half, early and late in the second: with two threads the second
+        # finds its error first.
+        args["exp_avg"][1400] = torch.zeros(4, 3, dtype=torch.float64)
+        args["grads"][1501] = torch.randn(2, 4)
+        args["grads"][2900] = torch.randn(3, 4)
+        with pytest.raises(RuntimeError, match=r"exp_avg\[1400\] is Double but params\[1400\] is Float"):
+            torch.ops.lrfuse.fused_adam_(**args)
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_expanded_state_updates_nothing(backend, monkeypatch):
     """State is written like the parameter: an expanded view (stride 0) would be written many times."""

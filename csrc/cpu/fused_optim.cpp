@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <utility>
 
 #include "../cpu_isa.h"
@@ -104,25 +105,63 @@ std::vector<double> advance_steps(TensorList steps) {
   return values;
 }
 
+constexpr int64_t kTensorGrain = 64;  // tensors per chunk of the checking and planning pass
+
+// Checks every tensor (checks.h) and plans its walk (plan.h) in one parallel pass: each tensor's
+// metadata is read once, where the previous step has usually pushed it out of the caches. The
+// error raised is the first failing tensor's in order, as the serial checks would raise.
+template <typename OperandsOf>
+Plan checked_plan(const FusedArgs& args, size_t n, const OperandsOf& operands_of) {
+  Plan plan(n);
+  std::vector<char> later(n, 0);  // copy-on-write storage: planned serially below
+  std::atomic<size_t> first_failure{n};
+  at::parallel_for(0, static_cast<int64_t>(n), kTensorGrain, [&](int64_t begin, int64_t end) {
+    for (size_t i = begin; i < static_cast<size_t>(end) && i < first_failure.load(); ++i) {
+      try {
+        check_tensor(args, i);
+        const auto operands = operands_of(i);
+        if (Plan::copy_on_write(operands)) later[i] = 1;
+        else plan.set(i, operands);
+      } catch (...) {
+        size_t seen = first_failure.load();
+        while (i < seen && !first_failure.compare_exchange_weak(seen, i)) {
+        }
+        return;
+      }
+    }
+  });
+  for (size_t i = 0; i < n; ++i) {
+    if (i == first_failure.load()) {
+      check_tensor(args, i);  // raises again, from this thread
+      plan.set(i, operands_of(i));
+      TORCH_INTERNAL_ASSERT(false, args.op, ": tensor ", i, " failed in the parallel pass only");
+    }
+    if (later[i]) plan.set(i, operands_of(i));
+  }
+  check_distinct(args);
+  plan.finish();
+  return plan;
+}
+
 struct Cpu {
   template <typename Rule>
   static void run(const FusedCall& call) {
-    check_call<Rule>(call);
-    if (call.params.empty() || skip_step(call.found_inf)) return;
+    const FusedArgs args = fused_args<Rule>(call);
+    check_call_args(args);
+    if (skip_step(call.found_inf)) {
+      check_fused_args(args);  // a skipped step still refuses what it could not have run
+      return;
+    }
     constexpr int kStates = num_states<Rule>();
     const unsigned present = present_optional<Rule>(call);
     const size_t n = call.params.size();
-    Plan plan(n);
     auto operands_of = [&](size_t i) {
       std::array<const Tensor*, kMaxOperands> operands{&call.params[i], &call.grads[i]};
       for (int k = 0; k < kStates; ++k)
         if (!call.states[k].empty()) operands[2 + k] = &call.states[k][i];
       return operands;
     };
-    for (size_t i = 0; i < n; ++i) {
-      if (i + kPrefetchAhead < n) Plan::prefetch(operands_of(i + kPrefetchAhead));
-      plan.add(operands_of(i));
-    }
+    Plan plan = checked_plan(args, n, operands_of);
     const std::vector<double> step = advance_steps(call.steps);
     const double* table = call.hyper.data_ptr<double>();
     const float* scale = call.grad_scale ? call.grad_scale->data_ptr<float>() : nullptr;

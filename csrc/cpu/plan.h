@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/COW.h>
 
 #include <algorithm>
 #include <array>
@@ -20,9 +21,6 @@
 namespace lrfuse::cpu {
 
 constexpr int kMaxOperands = 5;  // parameter, gradient, up to three state tensors
-
-// How many tensors ahead Plan::prefetch runs.
-constexpr size_t kPrefetchAhead = 8;
 
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kGrainSize = 32768;
@@ -39,15 +37,14 @@ struct Walk {
 
 class Plan {
  public:
-  explicit Plan(size_t num_tensors) {
-    walks_.reserve(num_tensors);
-    offsets_.reserve(num_tensors + 1);
-    offsets_.push_back(0);
-  }
+  explicit Plan(size_t num_tensors) : walks_(num_tensors) {}
 
-  // operands[0] is the parameter; a null operand is absent (that feature is off).
-  void add(const std::array<const at::Tensor*, kMaxOperands>& operands) {
-    Walk w;
+  // Tensor i's walk; operands[0] is the parameter, a null operand is absent (that feature is off).
+  // Calls for distinct i may run in parallel unless copy_on_write(operands): the first write
+  // pointer of a lazily cloned storage materializes its copy, which must not race with another
+  // view of that storage.
+  void set(size_t i, const std::array<const at::Tensor*, kMaxOperands>& operands) {
+    Walk& w = walks_[i];
     w.numel = operands[0]->numel();
     for (int k = 0; k < kMaxOperands; ++k) {
       if (operands[k] == nullptr) continue;
@@ -55,15 +52,19 @@ class Plan {
       w.num_operands = k + 1;
     }
     if (!shares_dense_layout(operands)) coalesce(operands, w);
-    offsets_.push_back(offsets_.back() + w.numel);
-    walks_.push_back(std::move(w));
   }
 
-  // Reading a tensor's data pointer touches its storage object, a cache miss per operand when
-  // the step's tensors are many and small: adding tensor i fetches those of tensor i + kPrefetchAhead.
-  static void prefetch(const std::array<const at::Tensor*, kMaxOperands>& operands) {
+  static bool copy_on_write(const std::array<const at::Tensor*, kMaxOperands>& operands) {
     for (const at::Tensor* t : operands)
-      if (t) __builtin_prefetch(t->unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      if (t && t->has_storage() && c10::impl::cow::is_cow_data_ptr(t->storage().data_ptr())) return true;
+    return false;
+  }
+
+  // After every set(): the flat element space.
+  void finish() {
+    offsets_.resize(walks_.size() + 1);
+    offsets_[0] = 0;
+    for (size_t i = 0; i < walks_.size(); ++i) offsets_[i + 1] = offsets_[i] + walks_[i].numel;
   }
 
   const Walk& walk(size_t i) const { return walks_[i]; }
