@@ -146,6 +146,21 @@ def test_op_rejects_bad_arguments_before_writing(change, match):
 
 
 @native
+def test_op_refuses_to_write_a_tensor_that_requires_grad_under_grad_mode():
+    """As torch refuses an in-place update of a leaf that requires grad; a step runs under no_grad."""
+    args = op_args()
+    args["params"] = [p.requires_grad_() for p in args["params"]]
+    before = [(p.detach().clone(), p._version) for p in args["params"]]
+    with pytest.raises(RuntimeError, match=r"fused_adam_: a tensor it writes requires grad.*torch.no_grad\(\)"):
+        torch.ops.lrfuse.fused_adam_(**args)
+    for p, (value, version) in zip(args["params"], before):
+        assert torch.equal(p.detach(), value) and p._version == version
+    with torch.no_grad():
+        torch.ops.lrfuse.fused_adam_(**args)
+    assert all(p._version > version for p, (_, version) in zip(args["params"], before))
+
+
+@native
 def test_op_names_the_first_bad_tensor_of_a_large_call():
     """A large call checks its tensors in parallel; the error is still the first bad tensor's."""
     for _ in range(5):
