@@ -107,11 +107,12 @@ std::vector<double> advance_steps(TensorList steps) {
 
 constexpr int64_t kTensorGrain = 64;  // tensors per chunk of the checking and planning pass
 
-// Checks every tensor (checks.h) and plans its walk (plan.h) in one parallel pass: each tensor's
-// metadata is read once, where the previous step has usually pushed it out of the caches. The
-// error raised is the first failing tensor's in order, as the serial checks would raise.
+// Every check of checks.h, with each tensor's walk (plan.h) planned in the same parallel pass:
+// each tensor's metadata is read once, where the previous step has usually pushed it out of the
+// caches. The error raised is the first failing tensor's in order, as the serial checks would raise.
 template <typename OperandsOf>
 Plan checked_plan(const FusedArgs& args, size_t n, const OperandsOf& operands_of) {
+  check_call_args(args);
   Plan plan(n);
   std::vector<char> later(n, 0);  // copy-on-write storage: planned serially below
   std::atomic<size_t> first_failure{n};
@@ -130,14 +131,13 @@ Plan checked_plan(const FusedArgs& args, size_t n, const OperandsOf& operands_of
       }
     }
   });
-  for (size_t i = 0; i < n; ++i) {
-    if (i == first_failure.load()) {
-      check_tensor(args, i);  // raises again, from this thread
-      plan.set(i, operands_of(i));
-      TORCH_INTERNAL_ASSERT(false, args.op, ": tensor ", i, " failed in the parallel pass only");
-    }
-    if (later[i]) plan.set(i, operands_of(i));
+  if (const size_t failed = first_failure.load(); failed < n) {
+    check_tensor(args, failed);  // raises again, from this thread
+    plan.set(failed, operands_of(failed));
+    TORCH_INTERNAL_ASSERT(false, args.op, ": tensor ", failed, " failed in the parallel pass only");
   }
+  for (size_t i = 0; i < n; ++i)
+    if (later[i]) plan.set(i, operands_of(i));
   check_distinct(args);
   plan.finish();
   return plan;
@@ -146,12 +146,6 @@ Plan checked_plan(const FusedArgs& args, size_t n, const OperandsOf& operands_of
 struct Cpu {
   template <typename Rule>
   static void run(const FusedCall& call) {
-    const FusedArgs args = fused_args<Rule>(call);
-    check_call_args(args);
-    if (skip_step(call.found_inf)) {
-      check_fused_args(args);  // a skipped step still refuses what it could not have run
-      return;
-    }
     constexpr int kStates = num_states<Rule>();
     const unsigned present = present_optional<Rule>(call);
     const size_t n = call.params.size();
@@ -161,7 +155,8 @@ struct Cpu {
         if (!call.states[k].empty()) operands[2 + k] = &call.states[k][i];
       return operands;
     };
-    Plan plan = checked_plan(args, n, operands_of);
+    const Plan plan = checked_plan(fused_args<Rule>(call), n, operands_of);
+    if (skip_step(call.found_inf)) return;  // after the checks: a skipped step still refuses bad arguments
     const std::vector<double> step = advance_steps(call.steps);
     const double* table = call.hyper.data_ptr<double>();
     const float* scale = call.grad_scale ? call.grad_scale->data_ptr<float>() : nullptr;
