@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lrfuse import benchmark
+from benchmark_scripts import load_benchmark
 
 
 def test_quick_run_reports_every_workload_and_optimizer(tmp_path, capsys):
@@ -57,13 +58,7 @@ def test_compare_step_time_leaves_params_alone():
 
 def test_amp_benchmark_reports_every_path(tmp_path):
     """benchmarks/bench_amp.py (not a package module): every GradScaler path of a workload timed."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_amp", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_amp.py")
-    bench_amp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_amp)
+    bench_amp = load_benchmark("bench_amp")
     out = tmp_path / "amp.json"
     assert bench_amp.main(["--quick", "--workloads", "tiny", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"]["tiny"]

@@ -3,30 +3,19 @@
 Only the shape of the report is checked (and that two runs agree); scores never decide pass/fail.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("lightning")
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "finder_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("finder_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_smoke_mode_reports_every_method_and_protocol(tmp_path, capsys):
-    fq = _load()
+    fq = load_benchmark("finder_quality")
     out = tmp_path / "fq.json"
     assert fq.main(["--smoke", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -79,4 +68,4 @@ def test_smoke_mode_reports_every_method_and_protocol(tmp_path, capsys):
 
 def test_unknown_dataset_is_rejected():
     with pytest.raises(SystemExit):
-        _load().main(["--datasets", "mnist"])
+        load_benchmark("finder_quality").main(["--datasets", "mnist"])

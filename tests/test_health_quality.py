@@ -4,29 +4,18 @@ Only the shape of the report is checked (and that every verdict is one of the th
 right verdicts never decides pass/fail here.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("lightning")
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "health_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("health_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_smoke_mode_reports_every_lr_class(tmp_path, capsys):
-    hq = _load()
+    hq = load_benchmark("health_quality")
     out = tmp_path / "hq.json"
     assert hq.main(["--smoke", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -57,4 +46,4 @@ def test_smoke_mode_reports_every_lr_class(tmp_path, capsys):
 
 def test_unknown_dataset_is_rejected():
     with pytest.raises(SystemExit):
-        _load().main(["--datasets", "mnist"])
+        load_benchmark("health_quality").main(["--datasets", "mnist"])

@@ -6,29 +6,19 @@ Only the shape of the report is checked; scores never decide pass/fail.
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("lightning")
 pytest.importorskip("sklearn")
 if importlib.util.find_spec("ray") is None:
     pytest.skip('Ray Tune is not installed (pip install "lrfuse[search]")', allow_module_level=True)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("search_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_smoke_mode_reports_every_method(tmp_path, capsys):
-    sq = _load()
+    sq = load_benchmark("search_quality")
     out = tmp_path / "sq.json"
     assert sq.main(["--smoke", "--json", str(out), "--storage", str(tmp_path / "ray")]) == 0
     result = json.loads(out.read_text())
@@ -47,4 +37,4 @@ def test_smoke_mode_reports_every_method(tmp_path, capsys):
 
 def test_unknown_dataset_is_rejected():
     with pytest.raises(SystemExit):
-        _load().main(["--datasets", "mnist"])
+        load_benchmark("search_quality").main(["--datasets", "mnist"])
