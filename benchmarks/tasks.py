@@ -88,7 +88,8 @@ def _split(x, y, seed: int, kind: str, n_out: int) -> Data:
     strat = y if kind == "clf" else None
     x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=VAL_FRACTION, random_state=seed, stratify=strat)
     if x_tr.ndim == 2 and x_tr.dtype.kind == "f":  # tabular: standardize with the training set's statistics
-        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-8
+        mu, sd = x_tr.mean(0), x_tr.std(0)
+        sd = np.where(sd > 1e-8, sd, 1.0)  # a feature constant in training (digits' corner pixels) stays as it is
         x_tr, x_va = (x_tr - mu) / sd, (x_va - mu) / sd
     if kind == "reg":
         ym, ys = y_tr.mean(), y_tr.std()
