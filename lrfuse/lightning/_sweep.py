@@ -16,8 +16,10 @@ drawn once, as in a run without the finder.
 from __future__ import annotations
 
 import copy
+import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from lrfuse.groups import set_group_lr
 from lrfuse.lr_range import LRRangeResult, range_test
 
-__all__ = ["Snapshot", "rng_state", "set_group_lr", "set_rng_state", "sweep"]  # set_group_lr: moved to groups
+__all__ = ["Snapshot", "race", "rng_state", "set_rng_state", "sweep"]
 
 
 def _clone(value: Any) -> Any:
@@ -103,7 +105,9 @@ class Snapshot:
         return snap
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, detach: bool = False) -> None:
+        """Write everything back; ``detach``: for another run of the finder's own (the loaders
+        iterate afresh instead of fit's kept iterators)."""
         for t, saved in self.tensors:
             t.copy_(saved)
         for p, g in self.grads:
@@ -133,7 +137,7 @@ class Snapshot:
         for gen, state in self.generators:
             gen.set_state(state)
         for loader, kept in self.iterators:
-            iterator, loader._iterator = loader._iterator, kept
+            iterator, loader._iterator = loader._iterator, None if detach else kept
             if iterator is not kept and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()  # the sweep's own workers
         set_rng_state(self.rng)
@@ -189,16 +193,84 @@ def _loss_of(output: Any) -> Tensor:
         f"it returned {type(output).__name__}")
 
 
-def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int = 0, min_lr: float, max_lr: float,
-          num_steps: int, mode: str, diverge_factor: float, method: str, bandwidth: float,
-          schedule_mean: float = 1.0, progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
-    """Run the range test on the trainer's optimizer ``optimizer_idx`` and restore everything.
+class _Driver:
+    """Training steps and held-out losses on the trainer's strategy, outside the fit loop.
 
-    Every group's LR is ``lr * base[g] / reference`` during the sweep, where ``base`` are the
-    groups' LRs before it and ``reference = max(base)``, so the ratios between groups survive.
+    Every group's LR is ``lr * base[g] / reference`` at a step, where ``base`` are the groups' LRs
+    before the finder and ``reference = max(base)``, so the ratios between groups survive.
+    """
 
-    Returns:
-        The range test's result (the LRs of the reference group, the one with the largest base LR).
+    def __init__(self, trainer: pl.Trainer, model: pl.LightningModule, optimizer: torch.optim.Optimizer,
+                 val_loaders: list) -> None:
+        self.trainer, self.model, self.optimizer, self.val_loaders = trainer, model, optimizer, val_loaders
+        self.base = [float(g["lr"]) for g in optimizer.param_groups]
+        self.reference = max(self.base)
+        self.batches = _batches(trainer)
+
+    def step(self, lr: float) -> float:
+        """One training step at ``lr`` (the reference group's); the loss, averaged over ranks."""
+        strategy, optimizer = self.trainer.strategy, self.optimizer
+        for group, b in zip(optimizer.param_groups, self.base):
+            set_group_lr(group, lr * b / self.reference)
+        batch, idx = next(self.batches)
+        batch = strategy.batch_to_device(batch)
+        losses: list[Tensor] = []
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss_of(strategy.training_step(batch, idx))
+            strategy.backward(loss, optimizer)
+            losses.append(loss.detach())
+            return loss
+
+        with torch.enable_grad():
+            strategy.optimizer_step(optimizer, closure, self.model)
+        # Every rank decides on the same number: the mean loss over ranks.
+        return float(strategy.reduce(losses[-1].float(), reduce_op="mean"))
+
+    @torch.no_grad()
+    def held_out_loss(self, max_batches: int) -> float:
+        """The mean of ``training_step``'s loss in eval mode over up to ``max_batches`` batches of the
+        validation loaders, or, without any, of the next training batches (averaged over ranks).
+
+        Non-finite when any batch's loss is."""
+        strategy = self.trainer.strategy
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=strategy.root_device), 0
+        try:
+            batches = ((b, i) for loader in self.val_loaders for i, b in enumerate(loader)) if self.val_loaders \
+                else self.batches
+            for batch, idx in batches:
+                if count == max_batches:
+                    break
+                loss = _loss_of(strategy.training_step(strategy.batch_to_device(batch), idx))
+                total += loss.detach().double()
+                count += 1
+        finally:
+            self.model.train()
+        return float(strategy.reduce(total / max(count, 1), reduce_op="mean"))
+
+
+def _val_loaders(trainer: pl.Trainer) -> list:
+    """The validation loaders fit will use (set up now, as fit would), or ``[]`` without any."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.setup_data()
+    iterables = trainer.val_dataloaders
+    if iterables is None:
+        return []
+    if isinstance(iterables, CombinedLoader):
+        iterables = iterables.flattened
+    elif not isinstance(iterables, (list, tuple)):
+        iterables = [iterables]
+    return list(iterables)
+
+
+@contextmanager
+def _isolated(trainer: pl.Trainer, model: pl.LightningModule, optimizer_idx: int, held_out: bool = False):
+    """Drive training steps outside the fit loop, then put everything back (see the module docstring).
+
+    Yields ``(driver, rewind)``: ``rewind()`` restores the state from before, so that the next
+    steps start from the same weights, optimizer state, RNGs and batch order.
 
     Raises:
         ValueError: for manual optimization, a missing optimizer or groups whose LRs are all 0.
@@ -212,49 +284,28 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
                          f"{len(trainer.optimizers)} optimizer(s)")
     optimizer = trainer.optimizers[optimizer_idx]
     base = [float(g["lr"]) for g in optimizer.param_groups]
-    reference = max(base)
-    if reference <= 0:
+    if max(base) <= 0:
         raise ValueError(f"LRFinder: every parameter group has lr <= 0 ({base}); give the optimizer a positive "
                          "lr (its value only sets the ratios between groups)")
-    strategy = trainer.strategy
     # Set up here, before the snapshot, not inside it: fit reuses these loaders, and whatever their
     # creation draws from the RNG must stay drawn, as in a run without the finder.
     trainer.fit_loop.setup_data()
+    val_loaders = _val_loaders(trainer) if held_out else []
     snapshot = Snapshot.take(trainer, model)
     callbacks = trainer.callbacks
     patched = {name: model.__dict__.get(name) for name in ("log", "log_dict")}
     try:
-        trainer.callbacks = []  # no other callback sees the sweep's steps
-        model.log = lambda *args, **kwargs: None  # the sweep's metrics must not reach the trainer
+        trainer.callbacks = []  # no other callback sees the finder's steps
+        model.log = lambda *args, **kwargs: None  # the finder's metrics must not reach the trainer
         model.log_dict = lambda *args, **kwargs: None
         model.train()
-        batches = _batches(trainer)
+        driver = _Driver(trainer, model, optimizer, val_loaders)
 
-        def step(lr: float) -> float:
-            for group, b in zip(optimizer.param_groups, base):
-                set_group_lr(group, lr * b / reference)
-            batch, idx = next(batches)
-            batch = strategy.batch_to_device(batch)
-            losses: list[Tensor] = []
+        def rewind() -> None:
+            snapshot.restore(detach=True)
+            driver.batches = _batches(trainer)
 
-            def closure() -> Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = _loss_of(strategy.training_step(batch, idx))
-                strategy.backward(loss, optimizer)
-                losses.append(loss.detach())
-                return loss
-
-            with torch.enable_grad():
-                strategy.optimizer_step(optimizer, closure, model)
-            # Every rank decides on the same number: the mean loss over ranks.
-            mean = strategy.reduce(losses[-1].float(), reduce_op="mean")
-            return float(mean)
-
-        result = range_test(step, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode,
-                            diverge_factor=diverge_factor, method=method, bandwidth=bandwidth,
-                            schedule_mean=schedule_mean, should_stop=lambda stop: strategy.reduce_boolean_decision(stop, all=False),
-                            progress=progress)
-        result = strategy.broadcast(result)  # identical on every rank, whatever happened
+        yield driver, rewind
     finally:
         trainer.callbacks = callbacks
         for name, value in patched.items():
@@ -263,4 +314,51 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
             else:
                 model.__dict__[name] = value
         snapshot.restore()
-    return result
+
+
+def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int = 0, min_lr: float, max_lr: float,
+          num_steps: int, mode: str, diverge_factor: float, method: str, bandwidth: float,
+          schedule_mean: float = 1.0, progress: Callable[[int, float, float], None] | None = None) -> LRRangeResult:
+    """Run the range test on the trainer's optimizer ``optimizer_idx`` and restore everything.
+
+    Returns:
+        The range test's result (the LRs of the reference group, the one with the largest base LR).
+
+    Raises:
+        ValueError: for manual optimization, a missing optimizer or groups whose LRs are all 0.
+    """
+    strategy = trainer.strategy
+    with _isolated(trainer, model, optimizer_idx) as (driver, _):
+        result = range_test(driver.step, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode,
+                            diverge_factor=diverge_factor, method=method, bandwidth=bandwidth,
+                            schedule_mean=schedule_mean, should_stop=lambda stop: strategy.reduce_boolean_decision(stop, all=False),
+                            progress=progress)
+        return strategy.broadcast(result)  # identical on every rank, whatever happened
+
+
+def race(trainer: pl.Trainer, model: pl.LightningModule, lrs: Sequence[float], *, steps: int, optimizer_idx: int = 0,
+         held_out_batches: int = 32, progress: Callable[[int, float, float], None] | None = None) -> list[float]:
+    """Train each of ``lrs`` for ``steps`` steps from the same start (weights, optimizer state, RNGs
+    and batch order) and return each one's held-out loss (:meth:`_Driver.held_out_loss`), then
+    restore everything. A run whose training loss turns non-finite stops there and scores ``inf``.
+
+    Raises:
+        ValueError: as :func:`sweep`.
+    """
+    strategy = trainer.strategy
+    out: list[float] = []
+    with _isolated(trainer, model, optimizer_idx, held_out=True) as (driver, rewind):
+        for i, lr in enumerate(lrs):
+            if i:
+                rewind()
+            finite = True
+            for _ in range(steps):
+                finite = math.isfinite(driver.step(float(lr)))
+                if strategy.reduce_boolean_decision(not finite, all=False):
+                    finite = False
+                    break
+            loss = driver.held_out_loss(held_out_batches) if finite else math.inf
+            out.append(loss if math.isfinite(loss) else math.inf)
+            if progress is not None:
+                progress(i, float(lr), out[-1])
+    return out

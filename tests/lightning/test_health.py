@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 import lrfuse
 
 from lrfuse.lightning import LRHealthMonitor
-from lrfuse.lightning.health import HISTORY, HealthRules, group_keys, group_metric_names, loss_verdict
+from lrfuse.lightning.health import HISTORY, group_keys, group_metric_names
+from lrfuse.lr_health import HealthRules, loss_verdict
 
 
 class MemoryLogger(Logger):
