@@ -1,21 +1,33 @@
 """Is a learning rate too high, too low or fine? The verdict rules as pure logic.
 
-Two signals, as :class:`lrfuse.LRHealthMonitor` measures them every few optimizer steps:
+:class:`lrfuse.LRHealthMonitor` feeds :class:`HealthRules` two signals every few optimizer steps:
+the mean training loss since the last check, and each parameter group's update-to-weight ratio
+``||p_after - p_before|| / ||p_before||`` over one step. The rules read the whole history, and
+judge the loss against its own start and its own progress, so one set of thresholds holds for
+tasks whose losses live on any scale and for optimizers whose ratios differ (Adam, SGD, RMSprop):
 
-* the update-to-weight ratio ``||p_after - p_before|| / ||p_before||`` of each parameter group
-  over one step (far above the healthy range means the LR dominates the weights, far below means
-  they barely move);
-* the training loss: non-finite or rising well above its best means the LR is too high; flat
-  while the updates are small means it is too low.
+too high
+    * the loss is non-finite, or **exploded**: at some check it rose above ``explode_factor``
+      times its start. A loss that spiked and came back down still says the LR is at the edge of
+      stability; the verdict stays until the LR has been lowered to half of what it was then.
+    * the loss is **rising**: the median of the last ``patience`` checks is above the best loss by
+      more than ``rise`` of the progress made (start - best), and by more than ``diverge_factor - 1``
+      times the best. Judged against the progress, the noise of a loss that converged near zero
+      is not a rise.
+    * the loss has not fallen (by ``fall_tol`` of its start) and either the updates were large
+      (ratio above ``high_ratio`` at ``patience`` checks) or they **collapsed** (the last
+      ``patience`` ratios ``collapse`` times below the largest): an LR far too high kills the
+      units, the weights then stop moving, and the last checks alone would say "too low".
+    * the ratio was above ``high_ratio`` at each of the last ``patience`` checks.
 
-The verdict reads the whole history, not only the last checks: a loss that at any point was
-non-finite or exploded far above its start and has not since fallen below that start, or that never
-fell while the updates were large, stays "too high" even once the weights have stopped moving (an
-LR far too high kills the units, the updates then shrink and the last checks alone would say "too
-low").
+too low
+    the loss has fallen by less than ``slow_fall`` of its start and the ratio was below
+    ``low_ratio`` at each of the last ``patience`` checks, after more than ``patience`` checks; never
+    after an explosion (its dead units are what stopped moving). A loss that came down and then
+    flattened with tiny updates has converged: that is not a low LR.
 
-No Lightning here: :class:`HealthRules` takes losses and ratios from any training loop, and
-:func:`loss_verdict` judges a loss curve alone (LR search uses it for each trial).
+The thresholds were chosen on the tuning tasks of ``benchmarks/tasks.py`` and are judged on its
+evaluation tasks (``benchmarks/health_quality.py``).
 """
 
 from __future__ import annotations
@@ -25,173 +37,136 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["OK", "TOO_HIGH", "TOO_LOW", "HealthRules", "loss_state", "loss_verdict"]
+__all__ = ["OK", "TOO_HIGH", "TOO_LOW", "HealthRules"]
 
 OK, TOO_HIGH, TOO_LOW = "ok", "too_high", "too_low"
 
 
-def loss_state(losses: Sequence[float], best: float | None = None, diverge_factor: float = 2.0,
-               flat_tol: float = 1e-3, window: int = 8) -> str | None:
-    """``"diverging"``, ``"rising"``, ``"flat"`` or ``None`` (falling, or too little history).
-
-    Args:
-        losses: mean training losses, oldest first (the last ``window`` are read for flatness).
-        best: the best finite loss seen so far (default: the best of ``losses``).
-        diverge_factor: a last loss above ``best + (k - 1) * |best|`` is rising.
-        flat_tol: a relative fall across the last ``window`` losses below this is flat.
-    """
-    if not len(losses):
-        return None
-    if best is None:
-        best = min((v for v in losses if math.isfinite(v)), default=math.inf)
-    last = losses[-1]
-    if not math.isfinite(last):
-        return "diverging"
-    if last > best + (diverge_factor - 1) * abs(best):
-        return "rising"
-    if len(losses) >= window:
-        first = losses[-window]
-        if math.isfinite(first) and first - last <= flat_tol * max(abs(first), 1e-12):
-            return "flat"
-    return None
-
-
-def _exploded(loss: float, first: float, explode_factor: float) -> bool:
-    """Non-finite, or above ``first + (explode_factor - 1) * |first|`` (the start of the curve)."""
-    return not math.isfinite(loss) or loss > first + (explode_factor - 1) * abs(first)
-
-
-def _fallen(recent: Sequence[float], first: float, fall_tol: float) -> bool:
-    """The mean of ``recent`` (finite) below ``first - fall_tol * |first|``: the loss has come down."""
-    if not recent or not all(math.isfinite(v) for v in recent):
-        return False
-    return sum(recent) / len(recent) < first - fall_tol * abs(first)
-
-
-def loss_verdict(losses: Sequence[float], diverge_factor: float = 2.0, flat_tol: float = 1e-3,
-                 window: int = 8, explode_factor: float = 10.0, fall_tol: float = 0.25) -> tuple[str, str]:
-    """``(verdict, why)`` of an LR from its loss curve alone: ``too_high`` (non-finite or risen well
-    above its best now, or at any point non-finite or above ``explode_factor`` times its first value
-    and not fallen below that first value since), ``too_low`` (flat over the last ``window`` points)
-    or ``ok``.
-
-    Example:
-        >>> loss_verdict([2.3, 1.9, 1.5, float("nan")])
-        ('too_high', 'training loss diverging')
-        >>> loss_verdict([2.3, 5e4, 40.0] + [2.3] * 8)[0]  # exploded, then flat at its start
-        'too_high'
-    """
-    state = loss_state(losses, None, diverge_factor, flat_tol, window)
-    if state in ("diverging", "rising"):
-        return TOO_HIGH, f"training loss {state}"
-    if len(losses) and math.isfinite(losses[0]):
-        first = losses[0]
-        peak = next((v for v in losses if _exploded(v, first, explode_factor)), None)
-        if peak is not None and not _fallen(losses[-3:], first, fall_tol):
-            return TOO_HIGH, f"training loss exploded (to {peak:.3g}) and has not fallen below its start ({first:.3g}) since"
-    if state == "flat":
-        return TOO_LOW, "training loss flat"
-    return OK, ""
-
-
 @dataclass
 class HealthRules:
-    """The verdict of one group from its recent update ratios and the recent losses.
+    """The verdict of a parameter group from the loss history and the group's update ratios.
 
     Args:
-        high_ratio: update-to-weight ratio above which the LR is too high.
-        low_ratio: ratio below which the LR is too low.
-        flat_ratio: with a flat loss, ratios below this also mean too low.
-        diverge_factor: a window-mean loss above ``best + (k - 1) * |best|`` means too high.
-        flat_tol: relative fall of the loss across the history below which it is flat.
-        patience: consecutive checks a ratio must stay out of range before it is flagged.
-        explode_factor: a loss (at any check) non-finite or above ``first + (k - 1) * |first|``,
-            ``first`` the loss of the first check, has exploded: too high until the loss has fallen
-            (``fall_tol``), however small the updates have become since; and once a loss has
-            exploded, small updates never make the verdict too low (the units an explosion kills
-            stop moving: raising the LR would be the wrong advice).
-        fall_tol: the loss has fallen when the mean of the last ``patience`` losses is below
-            ``first - fall_tol * |first|``. After ``patience + 1`` checks, a loss that has not
-            fallen while the group's update ratio was above ``high_ratio`` at ``patience`` checks or
-            more (of those the caller passes: the monitor keeps the last 100) means too high too.
+        high_ratio: update-to-weight ratio above which the updates are large.
+        low_ratio: ratio below which the updates are small.
+        patience: consecutive checks a ratio rule needs, and the checks the recent loss averages.
+        explode_factor: a loss above ``explode_factor`` times its start (or non-finite) exploded.
+        rise: the share of its progress a loss must give back to be rising.
+        diverge_factor: and the factor above its best (for a loss that has made little progress).
+        fall_tol: the loss has fallen when the recent median is below ``(1 - fall_tol)`` times its start.
+        slow_fall: too low needs the loss to have fallen by less than this share of its start.
+        collapse: updates collapsed when the recent ratios are this many times below the largest.
+
+    Example:
+        >>> rules = HealthRules()
+        >>> for loss in (2.3, 5e4, 1.0, 0.5, 0.4):  # a spike, then back down
+        ...     rules.add_loss(loss, lr=3.0)
+        >>> rules.verdict([1e-2] * 5)[0]
+        'too_high'
+        >>> rules.add_loss(0.4, lr=1.0)  # the LR was lowered below half of what exploded
+        >>> rules.verdict([1e-2] * 6)
+        ('ok', '')
     """
 
     high_ratio: float = 0.1
-    low_ratio: float = 1e-5
-    flat_ratio: float = 1e-4
-    diverge_factor: float = 2.0
-    flat_tol: float = 1e-3
+    low_ratio: float = 2.5e-4
     patience: int = 3
-    explode_factor: float = 10.0
+    explode_factor: float = 100.0
+    rise: float = 0.5
+    diverge_factor: float = 2.0
     fall_tol: float = 0.25
-    _losses: deque = field(default_factory=lambda: deque(maxlen=8))
-    _best: float = math.inf
-    _first: float | None = None  # the loss of the first check (finite), the reference of the history rules
-    _peak: float | None = None  # the first loss that exploded (inf for a non-finite one), None if none did
-    _count: int = 0  # losses recorded
+    slow_fall: float = 0.45
+    collapse: float = 100.0
+    # The history, not arguments.
+    _recent: deque = field(init=False, repr=False)  # the last `patience` losses
+    _first: float | None = field(default=None, init=False, repr=False)  # the loss of the first check (finite)
+    _best: float = field(default=math.inf, init=False, repr=False)
+    _count: int = field(default=0, init=False, repr=False)  # losses recorded
+    _peak: float | None = field(default=None, init=False, repr=False)  # the first exploded loss (inf: non-finite)
+    _peak_lr: float | None = field(default=None, init=False, repr=False)  # the LR then, if the caller gave LRs
+    _cleared: bool = field(default=False, init=False, repr=False)  # the LR since lowered below half of _peak_lr
 
-    def add_loss(self, mean_loss: float) -> None:
-        """Record the mean training loss of the last window."""
-        self._losses.append(mean_loss)
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=max(self.patience, 1))
+
+    def add_loss(self, mean_loss: float, lr: float | None = None) -> None:
+        """Record the mean training loss since the last check, and the LR it was trained at (the
+        largest over the groups; optional: without it an explosion is never forgiven)."""
+        self._recent.append(mean_loss)
         self._count += 1
-        if self._first is None and math.isfinite(mean_loss):
+        finite = math.isfinite(mean_loss)
+        if self._first is None and finite:
             self._first = mean_loss
-        if self._peak is None and (not math.isfinite(mean_loss)
-                                   or (self._first is not None and _exploded(mean_loss, self._first, self.explode_factor))):
-            self._peak = mean_loss if math.isfinite(mean_loss) else math.inf
-        if math.isfinite(mean_loss):
+        if finite:
             self._best = min(self._best, mean_loss)
+        first = self._first
+        if not finite or (first is not None and mean_loss > first + (self.explode_factor - 1) * abs(first)):
+            if self._peak is None or self._cleared:
+                self._peak, self._peak_lr, self._cleared = (mean_loss if finite else math.inf), lr, False
+        elif self._peak is not None and not self._cleared and lr is not None and self._peak_lr is not None:
+            self._cleared = lr < 0.5 * self._peak_lr
 
-    def loss_state(self) -> str | None:
-        """``"diverging"``, ``"rising"``, ``"flat"`` or ``None`` (falling, or too little history)."""
-        return loss_state(list(self._losses), self._best, self.diverge_factor, self.flat_tol, self._losses.maxlen)
+    def _recent_loss(self) -> float:
+        """The median of the last ``patience`` losses: one spike is not a trend."""
+        recent = sorted(self._recent)
+        if not recent:
+            return math.nan
+        mid = len(recent) // 2
+        return recent[mid] if len(recent) % 2 else 0.5 * (recent[mid - 1] + recent[mid])
+
+    def _fallen(self, share: float) -> bool:
+        """The recent loss is below ``(1 - share)`` times the first (in its sign's sense)."""
+        mean = self._recent_loss()
+        return self._first is not None and math.isfinite(mean) and mean < self._first - share * abs(self._first)
+
+    def verdict(self, ratios: Sequence[float]) -> tuple[str, str]:
+        """``(status, why)`` of a group from its update ratios (oldest first, as many as kept) and
+        the loss history."""
+        recent = list(ratios[-self.patience:])
+        full = len(recent) >= self.patience
+        settled = self._count > self.patience
+        last = self._recent[-1] if self._recent else math.nan
+        if self._recent and not math.isfinite(last):
+            return TOO_HIGH, "training loss non-finite"
+        first, best = self._first, self._best
+        if self._peak is not None and not self._cleared:
+            peak = "non-finite" if math.isinf(self._peak) else f"{self._peak:.3g}"
+            return TOO_HIGH, (f"training loss exploded (to {peak}, from {first:.3g} at the start); lower the LR "
+                              "below half of what it was then" if first is not None else
+                              f"training loss exploded (to {peak})")
+        recent_loss = self._recent_loss()
+        if first is not None and settled and math.isfinite(recent_loss):
+            margin = max(self.rise * (first - best), (self.diverge_factor - 1) * abs(best))
+            if recent_loss - best > margin:
+                return TOO_HIGH, (f"training loss rising: {recent_loss:.3g} (median of the last {self.patience} "
+                                  f"checks), best {best:.3g}, start {first:.3g}")
+        if settled and not self._fallen(self.fall_tol):
+            finite = [r for r in ratios if math.isfinite(r)]
+            large = [r for r in finite if r > self.high_ratio]
+            if len(large) >= self.patience:
+                return TOO_HIGH, (f"training loss never fell below its start ({first:.3g}) with update/weight "
+                                  f"ratios up to {max(large):.2g} > {self.high_ratio:g}")
+            peak = max(finite, default=0.0)
+            if full and peak >= self.low_ratio and all(r * self.collapse < peak for r in recent):
+                return TOO_HIGH, (f"updates collapsed (update/weight ratio {recent[-1]:.2g}, from {peak:.2g}) "
+                                  f"while the training loss did not fall: the LR killed the units")
+        if full and all(r > self.high_ratio for r in recent):
+            return TOO_HIGH, f"update/weight ratio {recent[-1]:.2g} > {self.high_ratio:g} for {len(recent)} checks"
+        if (settled and full and self._peak is None and all(r < self.low_ratio for r in recent)
+                and not self._fallen(self.slow_fall)):
+            return TOO_LOW, (f"update/weight ratio {recent[-1]:.2g} < {self.low_ratio:g} for {len(recent)} checks "
+                             f"and the training loss barely fell ({recent_loss:.3g} from {first:.3g})")
+        return OK, ""
 
     def state_dict(self) -> dict:
-        return {"losses": list(self._losses), "best": self._best, "first": self._first, "peak": self._peak,
-                "count": self._count}
+        return {"recent": list(self._recent), "first": self._first, "best": self._best, "count": self._count,
+                "peak": self._peak, "peak_lr": self._peak_lr, "cleared": self._cleared}
 
     def load_state_dict(self, state: dict) -> None:
-        self._losses = deque(state["losses"], maxlen=self._losses.maxlen)
-        self._best = float(state["best"])
-        if "first" in state:
-            self._first, self._peak, self._count = state["first"], state["peak"], int(state["count"])
-            return
-        # A state dict from before the history rules: rebuild what the kept losses tell.
-        finite = [v for v in self._losses if math.isfinite(v)]
-        self._first, self._count = (finite[0] if finite else None), len(self._losses)
-        self._peak = next((v if math.isfinite(v) else math.inf for v in self._losses
-                           if self._first is not None and _exploded(v, self._first, self.explode_factor)), None)
-
-    def _history(self, ratios: list[float]) -> str | None:
-        """Why the whole history says too high (exploded, or never fell with large updates), or None."""
-        if self._first is None or _fallen(list(self._losses)[-self.patience:], self._first, self.fall_tol):
-            return None
-        if self._peak is not None:
-            peak = "non-finite" if math.isinf(self._peak) else f"{self._peak:.3g}"
-            return f"training loss exploded ({peak}) and has not fallen below its start ({self._first:.3g}) since"
-        large = [r for r in ratios if math.isfinite(r) and r > self.high_ratio]
-        if self._count > self.patience and len(large) >= self.patience:
-            return (f"training loss never fell below its start ({self._first:.3g}) with update/weight ratios "
-                    f"up to {max(large):.2g} > {self.high_ratio:g}")
-        return None
-
-    def verdict(self, ratios: list[float]) -> tuple[str, str]:
-        """``(status, why)`` of a group from its update ratios (most recent last; the last ``patience``
-        for the ratio rules, all of them for the "never fell with large updates" one) and the whole
-        loss history."""
-        loss = self.loss_state()
-        recent = ratios[-self.patience:]
-        if loss in ("diverging", "rising"):
-            return TOO_HIGH, f"training loss {loss}"
-        why = self._history(ratios)
-        if why:
-            return TOO_HIGH, why
-        if len(recent) >= self.patience and all(r > self.high_ratio for r in recent):
-            return TOO_HIGH, f"update/weight ratio {recent[-1]:.2g} > {self.high_ratio:g} for {len(recent)} checks"
-        if self._peak is not None:
-            return OK, ""  # exploded, then fell: small updates now are the explosion's dead units, not a low LR
-        if len(recent) >= self.patience and all(r < self.low_ratio for r in recent):
-            return TOO_LOW, f"update/weight ratio {recent[-1]:.2g} < {self.low_ratio:g} for {len(recent)} checks"
-        if loss == "flat" and recent and recent[-1] < self.flat_ratio:
-            return TOO_LOW, f"training loss flat and update/weight ratio {recent[-1]:.2g} < {self.flat_ratio:g}"
-        return OK, ""
+        # A state dict of the rules before these (keys "losses", "best"; "first", "peak", "count"
+        # from 0.1's history rules) loads too: what it kept is the recent losses.
+        recent = state.get("recent", state.get("losses", []))
+        self._recent = deque(recent, maxlen=self._recent.maxlen)
+        self._first = state.get("first", next((v for v in recent if math.isfinite(v)), None))
+        self._best, self._count = float(state["best"]), int(state.get("count", len(recent)))
+        self._peak, self._peak_lr, self._cleared = state.get("peak"), state.get("peak_lr"), bool(state.get("cleared", False))

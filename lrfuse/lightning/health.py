@@ -6,6 +6,7 @@ over ranks), logs and keeps state; the verdicts are :class:`lrfuse.lr_health.Hea
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -60,8 +61,8 @@ class LRHealthMonitor(Callback):
 
     Args:
         every_n_steps: check period in optimizer steps (the check copies each group's weights once).
-        high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience, explode_factor, fall_tol:
-            see :class:`HealthRules`.
+        rules: the thresholds (:class:`~lrfuse.lr_health.HealthRules`; default: its defaults). From
+            the command line: ``--trainer.callbacks.rules.high_ratio 0.2``.
         warn: warn when a verdict turns bad.
 
     Raises:
@@ -71,15 +72,15 @@ class LRHealthMonitor(Callback):
         >>> Trainer(callbacks=[lrfuse.LRHealthMonitor(every_n_steps=50)])  # doctest: +SKIP
     """
 
-    def __init__(self, every_n_steps: int = 10, high_ratio: float = 0.1, low_ratio: float = 1e-5,
-                 flat_ratio: float = 1e-4, diverge_factor: float = 2.0, flat_tol: float = 1e-3, patience: int = 3,
-                 warn: bool = True, explode_factor: float = 10.0, fall_tol: float = 0.25) -> None:
+    def __init__(self, every_n_steps: int = 10, rules: HealthRules | None = None, warn: bool = True) -> None:
         if every_n_steps < 1:
             raise ValueError(f"LRHealthMonitor: every_n_steps must be >= 1, got {every_n_steps}")
+        if rules is not None and not isinstance(rules, HealthRules):
+            raise ValueError(f"LRHealthMonitor: rules must be a lrfuse.lr_health.HealthRules, got {type(rules).__name__}; "
+                             "pass e.g. rules=HealthRules(high_ratio=0.2)")
         self.every_n_steps, self.warn = every_n_steps, warn
-        self.rules = HealthRules(high_ratio, low_ratio, flat_ratio, diverge_factor, flat_tol, patience,
-                                 explode_factor, fall_tol)
-        self._history = max(HISTORY, patience)
+        self.rules = copy.deepcopy(rules) if rules is not None else HealthRules()  # it keeps this run's history
+        self._history = max(HISTORY, self.rules.patience)
         self.status: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.ratios: dict[str, deque[float]] = {}
@@ -127,7 +128,8 @@ class LRHealthMonitor(Callback):
         # One collective per check: every rank sees the same loss and takes the same decisions.
         mean = float(trainer.strategy.reduce(mean, reduce_op="mean"))
         self._loss_sum, self._loss_count = 0.0, 0
-        self.rules.add_loss(mean)
+        # The largest LR over the groups: an explosion is forgiven once it is halved.
+        self.rules.add_loss(mean, max((float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups), default=None))
         stats[f"{PREFIX}/train_loss"] = mean  # what the rules judged: the mean since the last check
         for opt, keys, saved in zip(trainer.optimizers, group_keys(trainer.optimizers), before):
             for group, key, old in zip(opt.param_groups, keys, saved):
