@@ -25,6 +25,15 @@ Suggestion methods:
     where it stops falling. Both landmarks come from the zero-lag smoothed curve, so noise moves
     them little, and an error in either moves the suggestion by only half as much (in log).
 
+The race (``LRFinder(race=True)``, the default): the curve locates the *edge*, the LR where the
+smoothed loss stops falling, but not how far below it a whole run trains best; that depends on the
+task and the budget. So a few candidates around the edge (:func:`race_candidates`: from 3x above
+it to 10x below, half a decade apart) are each trained for a fifth of the run from the same
+weights and batch order, under the run's own LR schedule compressed into those steps, and compared
+on held-out loss; :func:`race_pick` takes the best, refined by a parabola through its neighbours
+(in ``log(lr)``), and halves it: a run five times longer than the race trains best at about half
+the LR that won the race (measured on the tuning tasks of ``benchmarks/tasks.py``).
+
 For a schedule: the curve is measured at a constant LR, so each method's pick is a constant LR.
 With ``schedule_mean`` (the schedule's mean factor over its peak, :func:`lrfuse.schedules.mean_factor`)
 the suggestion becomes the schedule's *peak*: the pick divided by the mean, so that the LR summed
@@ -43,16 +52,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["METHODS", "LRRangeResult", "check_args", "lr_values", "range_test", "smooth", "suggest"]
+__all__ = ["METHODS", "RACE_SHARE", "LRRangeResult", "check_args", "lr_values", "race_candidates", "race_pick",
+           "range_test", "smooth", "suggest"]
 
 METHODS = ("auto", "steepest", "valley", "min10")
 Method = Literal["auto", "steepest", "valley", "min10"]
 _MIN_POINTS = 8  # fewer recorded steps than this cannot show a descent and its end
+# The race (chosen on the tuning tasks of benchmarks/tasks.py): candidates at the edge times
+# 10 ** RACE_SPAN, each trained for RACE_SHARE of the run; the winner times RACE_HORIZON.
+RACE_SPAN = (0.5, 0.0, -0.5, -1.0)
+RACE_SHARE = 0.2
+RACE_HORIZON = 0.5
 
 
 def _finite_positive(value) -> bool:
@@ -166,6 +181,8 @@ class LRRangeResult:
         stopped: why the sweep stopped early (``"diverged"``, ``"non-finite loss"``, ...), else ``None``.
         schedule_mean: the mean LR factor of the schedule :attr:`lr` is the peak of (1.0: constant LR).
         constant_lr: the suggestion for a constant LR; equals :attr:`lr` when ``schedule_mean`` is 1.
+        race: after a race (:func:`race_pick`), its ``lrs``, held-out ``losses`` and ``steps`` per
+            candidate, and ``curve_lr``, what the curve alone suggested; else ``None``.
     """
 
     lr: float | None
@@ -181,6 +198,26 @@ class LRRangeResult:
     stopped: str | None = None
     schedule_mean: float = 1.0
     constant_lr: float | None = None
+    race: dict | None = None
+
+    @property
+    def edge(self) -> float | None:
+        """The LR where the smoothed loss was lowest (where it stopped falling), or ``None`` without a
+        curve that fell."""
+        if self.lr is None or not self.smoothed:
+            return None
+        return float(self.lrs[int(np.argmin(self.smoothed))])
+
+    def with_race(self, lrs: Sequence[float], losses: Sequence[float], steps: int) -> LRRangeResult:
+        """This result with the race's pick (:func:`race_pick`) as :attr:`lr` (method ``"race"``), or
+        unchanged when no candidate finished with a finite loss."""
+        pick = race_pick(lrs, losses)
+        race = {"lrs": [float(v) for v in lrs], "losses": [float(v) for v in losses], "steps": int(steps),
+                "curve_lr": self.lr}
+        if pick is None:
+            return replace(self, race=race)
+        return replace(self, lr=pick, method="race", low=min(self.low, pick), high=max(self.high, pick),
+                       constant_lr=pick if self.schedule_mean == 1 else self.constant_lr, race=race)
 
     @property
     def ok(self) -> bool:
@@ -199,8 +236,15 @@ class LRRangeResult:
         """One line for people: the suggestion and its range, or the reason there is none."""
         if self.lr is None:
             return f"no LR suggestion: {self.reason}"
-        peak = "" if self.schedule_mean == 1 else (
-            f" as the schedule's peak (mean factor {self.schedule_mean:.2g}; constant lr {self.constant_lr:.3g})")
+        if self.race is not None:
+            peak = "" if self.schedule_mean == 1 else " as the schedule's peak"
+            curve = self.race["curve_lr"]
+            peak += (f", raced {len(self.race['lrs'])} LRs for {self.race['steps']} steps each"
+                     + ("" if self.method == "race" else " (none finished: the curve's pick)")
+                     + f"; the curve alone: {curve:.3g}")
+        else:
+            peak = "" if self.schedule_mean == 1 else (
+                f" as the schedule's peak (mean factor {self.schedule_mean:.2g}; constant lr {self.constant_lr:.3g})")
         return (f"suggested lr {self.lr:.3g} ({self.method}){peak}, plausible range {self.low:.3g} .. "
                 f"{self.high:.3g}")
 
@@ -352,6 +396,48 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: Method = "aut
     return LRRangeResult(chosen, low, high, method, list(map(float, lrs)), list(map(float, losses)),
                          ys.tolist(), dy.tolist(), candidates, None, schedule_mean=schedule_mean,
                          constant_lr=constant)
+
+
+def race_candidates(result: LRRangeResult) -> list[float]:
+    """The LRs to race: the curve's edge (:attr:`LRRangeResult.edge`) times ``10 ** RACE_SPAN``,
+    from 3x above it to 10x below, highest first.
+
+    Raises:
+        ValueError: if ``result`` made no suggestion (there is no edge to race around).
+    """
+    edge = result.edge
+    if edge is None:
+        raise ValueError(f"race_candidates: the range test made no suggestion ({result.reason})")
+    return [edge * 10.0 ** d for d in RACE_SPAN]
+
+
+def race_pick(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """The LR to train with after a race of ``lrs`` that ended at held-out ``losses``.
+
+    The candidate with the lowest loss, moved to the minimum of the parabola (in ``log(lr)``)
+    through it and its two neighbours when that is convex (never past the neighbours), times
+    ``RACE_HORIZON``. ``None`` when no loss is finite.
+
+    Example:
+        >>> round(race_pick([1e-1, 1e-2, 1e-3], [0.9, 0.5, 0.9]), 6)  # symmetric: the middle, halved
+        0.005
+    """
+    if len(lrs) != len(losses) or not lrs:
+        raise ValueError(f"race_pick: need as many losses as LRs (and at least one), got {len(lrs)} and {len(losses)}")
+    x = np.log10(np.asarray(lrs, dtype=np.float64))
+    y = np.asarray(losses, dtype=np.float64)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    finite = np.isfinite(y)
+    if not finite.any():
+        return None
+    j = int(np.argmin(np.where(finite, y, np.inf)))
+    best = float(x[j])
+    if 0 < j < len(x) - 1 and finite[j - 1] and finite[j + 1]:
+        a, b, _ = np.polyfit(x[j - 1: j + 2], y[j - 1: j + 2], 2)
+        if a > 0:
+            best = float(np.clip(-b / (2 * a), x[j - 1], x[j + 1]))
+    return float(10.0 ** best * RACE_HORIZON)
 
 
 def range_test(step: Callable[[float], float], min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,

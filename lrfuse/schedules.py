@@ -26,7 +26,7 @@ from typing import Literal
 
 __all__ = [
     "Constant", "Cosine", "Exponential", "MultiStep", "OneCycle", "Plateau", "Schedule",
-    "StepDecay", "Warmup", "make_schedule", "mean_factor",
+    "StepDecay", "Warmup", "compress", "make_schedule", "mean_factor",
 ]
 
 
@@ -378,13 +378,38 @@ def mean_factor(schedule, total_steps: int, max_points: int = 10_000) -> float:
         0.5
     """
     total_steps = _length("total_steps", total_steps, 1)
+    values = _sampled(schedule, total_steps, max_points)
+    return sum(values) / len(values) / max(values)
+
+
+def _sampled(schedule, total_steps: int, max_points: int) -> list[float]:
+    """The factors over the run (sampled evenly past ``max_points``), checked finite, >= 0, not all 0."""
     n = min(total_steps, max_points)
     values = [float(schedule(i * total_steps / n if n < total_steps else i)) for i in range(n)]
     peak = max(values)
     if not (0 < peak < math.inf) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"the schedule's factors must be finite, >= 0 and not all 0 over {total_steps} steps; "
                          f"got a peak of {peak!r}")
-    return sum(values) / n / peak
+    return values
+
+
+def compress(schedule, total_steps: int, steps: int, max_points: int = 10_000):
+    """``schedule``'s shape over a run of ``total_steps``, squeezed into ``steps`` and scaled to peak at 1:
+    ``t -> schedule(t * total_steps / steps) / peak``. The LR finder's race trains each candidate
+    under the run's own schedule this way (see :func:`lrfuse.lr_range.race_pick`).
+
+    Raises:
+        ValueError: as :func:`mean_factor`, or if ``steps`` is not a whole number >= 1.
+
+    Example:
+        >>> f = compress(make_schedule("cosine", total_steps=1000, warmup_steps=100), 1000, 10)
+        >>> [round(f(t), 2) for t in (0, 1, 5, 9)]
+        [0.0, 1.0, 0.59, 0.03]
+    """
+    total_steps = _length("total_steps", total_steps, 1)
+    steps = _length("steps", steps, 1)
+    peak = max(_sampled(schedule, total_steps, max_points))
+    return lambda t: float(schedule(t * total_steps / steps)) / peak
 
 
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lrfuse.lr_range import LRRangeResult, lr_values, range_test, smooth, suggest
+from lrfuse.lr_range import LRRangeResult, lr_values, race_candidates, race_pick, range_test, smooth, suggest
 
 
 def sigmoid_curve(lr, centre=1e-3, cliff=0.3):
@@ -135,3 +135,43 @@ def test_schedule_mean_makes_the_suggestion_the_peak():
     tiny = suggest(lrs, losses, schedule_mean=1e-4)
     assert tiny.lr == pytest.approx(lrs[int(np.argmin(tiny.smoothed))])
     assert tiny.lr < constant.lr / 1e-4
+
+
+# The race's pure part (issue 19).
+
+def test_race_candidates_span_the_edge():
+    lrs = np.geomspace(1e-5, 1.0, 60)
+    losses = 2.0 - np.tanh(np.log10(lrs / 1e-3)) + 50 * (lrs > 0.1)  # falls to 1e-1, then blows up
+    result = suggest(lrs, losses)
+    assert result.edge == pytest.approx(lrs[int(np.argmin(result.smoothed))])
+    assert race_candidates(result) == pytest.approx([result.edge * 10 ** d for d in (0.5, 0.0, -0.5, -1.0)])
+    flat = suggest(lrs, np.ones(60))
+    assert flat.edge is None
+    with pytest.raises(ValueError, match="no suggestion"):
+        race_candidates(flat)
+
+
+def test_race_pick_refines_by_a_parabola_and_halves():
+    lrs = [1e-1, 1e-2, 1e-3, 1e-4]
+    assert race_pick(lrs, [0.9, 0.5, 0.9, 1.0]) == pytest.approx(0.5 * 1e-2)  # symmetric: the best one
+    shifted = race_pick(lrs, [0.9, 0.5, 0.6, 1.0])  # the parabola leans towards the lower neighbour
+    assert 0.5 * 1e-3 < shifted < 0.5 * 1e-2
+    assert race_pick(lrs, [0.1, 0.5, 0.9, 1.0]) == pytest.approx(0.5 * 1e-1)  # the edge of the ladder: no parabola
+    assert race_pick(lrs, [math.inf, 0.5, math.inf, 1.0]) == pytest.approx(0.5 * 1e-2)  # diverged neighbours
+    assert race_pick(lrs, [math.inf] * 4) is None
+    assert race_pick(lrs[::-1], [1.0, 0.9, 0.5, 0.9]) == race_pick(lrs, [0.9, 0.5, 0.9, 1.0])  # any order
+    with pytest.raises(ValueError, match="as many losses as LRs"):
+        race_pick(lrs, [1.0])
+
+
+def test_with_race_keeps_the_curve_and_falls_back_to_it():
+    lrs = np.geomspace(1e-5, 1.0, 60)
+    result = suggest(lrs, 2.0 - np.tanh(np.log10(lrs / 1e-3)) + 50 * (lrs > 0.1))
+    candidates = race_candidates(result)
+    raced = result.with_race(candidates, [0.9, 0.5, 0.9, 1.0], steps=7)
+    assert raced.method == "race" and raced.lr == pytest.approx(0.5 * candidates[1])
+    assert raced.race == {"lrs": candidates, "losses": [0.9, 0.5, 0.9, 1.0], "steps": 7, "curve_lr": result.lr}
+    assert raced.low <= raced.lr <= raced.high and raced.lrs == result.lrs
+    assert "raced 4 LRs for 7 steps each" in raced.summary()
+    none = result.with_race(candidates, [math.inf] * 4, steps=7)
+    assert none.lr == result.lr and none.method == result.method and none.race["losses"] == [math.inf] * 4

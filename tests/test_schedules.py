@@ -171,3 +171,14 @@ def test_mean_factor():
         S.mean_factor(lambda t: 0.0, 10)
     with pytest.raises(ValueError, match="total_steps must be a whole number"):
         S.mean_factor(S.Constant(), 0)
+
+
+def test_compress_squeezes_the_runs_shape_into_the_race():
+    run = S.make_schedule("cosine", total_steps=1000, warmup_steps=100)
+    squeezed = S.compress(run, 1000, 50)
+    assert [squeezed(t) for t in range(50)] == pytest.approx([run(t * 20) for t in range(50)])
+    assert max(squeezed(t) for t in range(50)) == pytest.approx(1.0)
+    half = S.compress(lambda t: 0.5, 10, 5)  # scaled to peak at 1
+    assert half(3) == 1.0
+    with pytest.raises(ValueError, match="steps"):
+        S.compress(run, 1000, 0)

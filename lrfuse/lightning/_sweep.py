@@ -337,10 +337,12 @@ def sweep(trainer: pl.Trainer, model: pl.LightningModule, *, optimizer_idx: int 
 
 
 def race(trainer: pl.Trainer, model: pl.LightningModule, lrs: Sequence[float], *, steps: int, optimizer_idx: int = 0,
-         held_out_batches: int = 32, progress: Callable[[int, float, float], None] | None = None) -> list[float]:
+         factor: Callable[[int], float] = lambda t: 1.0, held_out_batches: int = 32,
+         progress: Callable[[int, float, float], None] | None = None) -> list[float]:
     """Train each of ``lrs`` for ``steps`` steps from the same start (weights, optimizer state, RNGs
-    and batch order) and return each one's held-out loss (:meth:`_Driver.held_out_loss`), then
-    restore everything. A run whose training loss turns non-finite stops there and scores ``inf``.
+    and batch order), at ``lr * factor(t)`` in step ``t``, and return each one's held-out loss
+    (:meth:`_Driver.held_out_loss`), then restore everything. A run whose training loss turns
+    non-finite stops there and scores ``inf``.
 
     Raises:
         ValueError: as :func:`sweep`.
@@ -352,8 +354,8 @@ def race(trainer: pl.Trainer, model: pl.LightningModule, lrs: Sequence[float], *
             if i:
                 rewind()
             finite = True
-            for _ in range(steps):
-                finite = math.isfinite(driver.step(float(lr)))
+            for t in range(steps):
+                finite = math.isfinite(driver.step(float(lr) * factor(t)))
                 if strategy.reduce_boolean_decision(not finite, all=False):
                     finite = False
                     break

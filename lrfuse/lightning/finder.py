@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Union
 
 import lightning.pytorch as pl
@@ -21,10 +22,10 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException
 from typing_extensions import override
 
 from lrfuse.groups import peak_lr, set_group_lr
-from lrfuse.lightning._sweep import rng_state, set_rng_state, sweep
+from lrfuse.lightning._sweep import race, rng_state, set_rng_state, sweep
 from lrfuse.lightning.schedule import LRSchedule
-from lrfuse.lr_range import LRRangeResult, check_args
-from lrfuse.schedules import mean_factor
+from lrfuse.lr_range import RACE_SHARE, LRRangeResult, check_args, race_candidates
+from lrfuse.schedules import compress, mean_factor
 
 ScheduleArg = Union[Literal["auto"], None, LRSchedule, Callable[[int], float]]
 
@@ -38,22 +39,43 @@ _SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs")
 _peak_lr = peak_lr  # the name this module used before the helpers moved to lrfuse.groups
 
 
-def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int = 0) -> tuple[float, str]:
-    """The mean LR factor (over its peak) of the schedule the suggestion will be used with, and what it is.
+@dataclass(frozen=True)
+class RunSchedule:
+    """The LR schedule of the run a suggestion is for: ``fn(t) -> factor`` over ``length`` of its
+    units (steps or epochs), or a constant LR (``fn is None``)."""
+
+    name: str
+    fn: Callable[[float], float] | None = None
+    length: int = 1
+
+    def mean(self) -> float:
+        """Its mean factor over its peak (:func:`lrfuse.schedules.mean_factor`); 1.0 for a constant LR."""
+        return 1.0 if self.fn is None else mean_factor(self.fn, self.length)
+
+    def compressed(self, steps: int) -> Callable[[int], float]:
+        """Its shape squeezed into ``steps`` steps, peaking at 1 (:func:`lrfuse.schedules.compress`)."""
+        return (lambda t: 1.0) if self.fn is None else compress(self.fn, self.length, steps)
+
+
+CONSTANT = RunSchedule("constant LR")
+
+
+def run_schedule(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int = 0) -> RunSchedule:
+    """The schedule the suggestion will be used with.
 
     ``schedule`` is ``"auto"`` (the first :class:`LRSchedule` callback of ``trainer``, else the torch
     LR scheduler that ``configure_optimizers`` attached to optimizer ``optimizer_idx``, else a
     constant LR), ``None`` (a constant LR), an :class:`LRSchedule` (over its ``total_steps``, else
     the trainer's run), or any ``t -> factor`` (e.g. :func:`lrfuse.schedules.make_schedule`) over
     ``trainer.estimated_stepping_batches`` steps.
-    An unknown run length (no ``max_steps`` / ``max_epochs``) gives 1.0 with a warning.
+    An unknown run length (no ``max_steps`` / ``max_epochs``) gives a constant LR with a warning.
     """
     if schedule == "auto":
         schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
         if schedule is None:
-            return _torch_scheduler_mean(trainer, optimizer_idx)
+            return _torch_scheduler(trainer, optimizer_idx)
     if schedule is None:
-        return 1.0, "constant LR"
+        return CONSTANT
     if isinstance(schedule, LRSchedule):
         fn = schedule._build(trainer)
         length = schedule._kwargs["total_steps"] or (
@@ -63,9 +85,15 @@ def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int
         fn, length, name = schedule, trainer.estimated_stepping_batches, repr(schedule)
     if not _known_length(length):
         rank_zero_warn(f"LRFinder: the run's length is unknown (set max_steps or max_epochs), so {name} cannot be "
-                       "averaged; suggesting for a constant LR")
-        return 1.0, "constant LR"
-    return mean_factor(fn, int(length)), name
+                       "followed; suggesting for a constant LR")
+        return CONSTANT
+    return RunSchedule(name, fn, int(length))
+
+
+def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int = 0) -> tuple[float, str]:
+    """The mean LR factor (over its peak) of :func:`run_schedule`'s schedule, and its name."""
+    run = run_schedule(trainer, schedule, optimizer_idx)
+    return run.mean(), run.name
 
 
 def _known_length(length) -> bool:
@@ -76,9 +104,9 @@ def _known_length(length) -> bool:
 _MAX_SIMULATED_STEPS = 200_000
 
 
-def _torch_scheduler_mean(trainer: pl.Trainer, optimizer_idx: int) -> tuple[float, str]:
-    """The mean factor of the first torch LR scheduler of optimizer ``optimizer_idx`` over the run
-    (``(1.0, "constant LR")`` without one), from a copy of it stepped on a stand-in optimizer: one
+def _torch_scheduler(trainer: pl.Trainer, optimizer_idx: int) -> RunSchedule:
+    """The first torch LR scheduler of optimizer ``optimizer_idx`` over the run (a constant LR
+    without one), its factors from a copy of it stepped on a stand-in optimizer: one
     tensor per group and copies of the groups' other keys, so the real optimizer, its LRs and the
     scheduler are untouched. A scheduler that follows a metric (ReduceLROnPlateau) cannot be
     foreseen and counts as a constant LR."""
@@ -87,18 +115,18 @@ def _torch_scheduler_mean(trainer: pl.Trainer, optimizer_idx: int) -> tuple[floa
     config = next((c for c in trainer.lr_scheduler_configs
                    if optimizer is not None and getattr(c.scheduler, "optimizer", None) is optimizer), None)
     if config is None:
-        return 1.0, "constant LR"
+        return CONSTANT
     scheduler = config.scheduler
     name = type(scheduler).__name__
     if config.reduce_on_plateau:
         rank_zero_info(f"LRFinder: {name} follows a metric and cannot be foreseen; suggesting for a constant LR "
                        "(pass schedule= to say what the LR will do)")
-        return 1.0, "constant LR"
+        return CONSTANT
     length = trainer.estimated_stepping_batches if config.interval == "step" else trainer.max_epochs
     if not _known_length(length) or length / config.frequency > _MAX_SIMULATED_STEPS:
         rank_zero_warn(f"LRFinder: the run's length in {config.interval}s is {length}, so {name} cannot be averaged; "
                        "suggesting for a constant LR (set max_steps or max_epochs, or pass schedule=)")
-        return 1.0, "constant LR"
+        return CONSTANT
     steps = math.ceil(length / config.frequency)
     try:
         stand_in = torch.optim.SGD([{**copy.deepcopy({k: v for k, v in g.items() if k != "params"}),
@@ -113,11 +141,11 @@ def _torch_scheduler_mean(trainer: pl.Trainer, optimizer_idx: int) -> tuple[floa
     except Exception as error:  # a scheduler that cannot be copied or stepped alone
         rank_zero_warn(f"LRFinder: could not simulate {name} ({type(error).__name__}: {error}); suggesting for a "
                        "constant LR (pass schedule= to say what the LR will do)")
-        return 1.0, "constant LR"
+        return CONSTANT
     # The group with the largest peak, as apply_lr's reference.
     group = max(range(len(lrs[0])), key=lambda i: max(row[i] for row in lrs))
     values = [row[group] for row in lrs]
-    return mean_factor(lambda t: values[int(t)], steps), f"{name} (torch, per {config.interval})"
+    return RunSchedule(f"{name} (torch, per {config.interval})", lambda t: values[int(t)], steps)
 
 
 def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, reference: float | None = None,
@@ -219,6 +247,12 @@ class LRFinder(Callback):
         optimizer_idx: which optimizer to sweep.
         plot_path: write the plot (matplotlib) to this file; loggers that take images get it too.
         verbose: print the suggestion and show the sweep's progress (rank 0).
+        race: after the range test, race candidates around the curve's edge for a fifth of the run
+            each, under the run's schedule, and suggest from their held-out losses (see
+            :mod:`lrfuse.lr_range`); ``False``: the curve's suggestion alone (``method``).
+        race_steps: steps of each candidate (default: a fifth of the run; needed when the run's
+            length is unknown). Held-out loss: ``training_step``'s loss in eval mode on up to 32
+            batches of the validation loaders, or the next training batches without any.
 
     Raises:
         ValueError: on invalid arguments (at construction) and when the model cannot be swept.
@@ -234,9 +268,14 @@ class LRFinder(Callback):
                  mode: Literal["exponential", "linear"] = "exponential",
                  method: Literal["auto", "steepest", "valley", "min10"] = "auto", diverge_factor: float = 4.0,
                  bandwidth: float = 0.05, schedule: ScheduleArg = "auto", apply: bool = True, attr_name: str | None = None, optimizer_idx: int = 0,
-                 plot_path: str | None = None, verbose: bool = False) -> None:
+                 plot_path: str | None = None, verbose: bool = False, race: bool = True,
+                 race_steps: int | None = None) -> None:
         check_args("LRFinder", min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, mode=mode, method=method,
                    diverge_factor=diverge_factor, bandwidth=bandwidth)
+        if race_steps is not None and (isinstance(race_steps, bool) or not isinstance(race_steps, int) or race_steps < 1):
+            raise ValueError(f"LRFinder: race_steps must be an integer >= 1 or None (a fifth of the run), got "
+                             f"{race_steps!r}")
+        self.race, self.race_steps = bool(race), race_steps
         if not (schedule == "auto" or schedule is None or callable(schedule)):
             raise ValueError(f"LRFinder: schedule must be 'auto', None, an LRSchedule or a t -> factor callable, got "
                              f"{schedule!r}; pass e.g. schedule=lrfuse.schedules.make_schedule('cosine', total_steps=...)")
@@ -272,15 +311,18 @@ class LRFinder(Callback):
             def progress(i: int, lr: float, loss: float) -> None:
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4g}", refresh=False)
-        mean, schedule_name = schedule_mean(trainer, self.schedule, self.optimizer_idx)
+        run = run_schedule(trainer, self.schedule, self.optimizer_idx)
+        schedule_name = run.name
         try:
             result = sweep(
                 trainer, pl_module, optimizer_idx=self.optimizer_idx, min_lr=self.min_lr, max_lr=self.max_lr,
                 num_steps=self.num_steps, mode=self.mode, diverge_factor=self.diverge_factor, method=self.method,
-                bandwidth=self.bandwidth, schedule_mean=mean, progress=progress)
+                bandwidth=self.bandwidth, schedule_mean=run.mean(), progress=progress)
         finally:
             if bar is not None:
                 bar.close()
+        if self.race and result.ok:
+            result = self._race(trainer, pl_module, result, run)
         self.result = result
         if result.lr is None:
             rank_zero_warn(f"LRFinder: {result.reason}. The learning rate is left unchanged.")
@@ -291,6 +333,23 @@ class LRFinder(Callback):
         if self.plot_path is not None and trainer.is_global_zero:
             self._plot(trainer, result)
         return result
+
+    def _race(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: LRRangeResult,
+              run: RunSchedule) -> LRRangeResult:
+        """Race the candidates around the curve's edge (:func:`lrfuse.lr_range.race_candidates`)."""
+        total = trainer.estimated_stepping_batches
+        steps = self.race_steps or (max(1, round(RACE_SHARE * total)) if _known_length(total) else None)
+        if steps is None:
+            rank_zero_info("LRFinder: the run's length is unknown (set max_steps or max_epochs, or race_steps), so "
+                           "no race: the suggestion is the curve's")
+            return result
+        lrs = race_candidates(result)
+        losses = race(trainer, pl_module, lrs, steps=steps, optimizer_idx=self.optimizer_idx,
+                      factor=run.compressed(steps))
+        raced = result.with_race(lrs, losses, steps)
+        if raced.method != "race":
+            rank_zero_warn("LRFinder: no raced LR finished with a finite held-out loss; the suggestion is the curve's")
+        return raced
 
     def _progress_bar(self, trainer: pl.Trainer):
         if not (self.verbose and trainer.is_global_zero):
@@ -322,7 +381,7 @@ class LRFinder(Callback):
             return {}
         return {"lr": self.result.lr, "low": self.result.low, "high": self.result.high, "method": self.result.method,
                 "reason": self.result.reason, "schedule_mean": self.result.schedule_mean,
-                "constant_lr": self.result.constant_lr}
+                "constant_lr": self.result.constant_lr, "race": self.result.race}
 
 
 def find_lr(trainer: pl.Trainer, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 import lrfuse
 from lrfuse.lightning import LRFinder, find_lr
-from lrfuse.lr_range import LRRangeResult
+from lrfuse.lr_range import LRRangeResult, race_pick
 
 
 def rng_state():
@@ -335,7 +335,7 @@ def test_suggestion_is_the_peak_of_the_trainers_schedule(tmp_path):
     from lrfuse.lightning import LRSchedule
     from lrfuse.schedules import make_schedule, mean_factor
 
-    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40)
+    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40, race=False)  # the curve's schedule-aware pick
     pl.seed_everything(0)
     blind = find_lr(quiet_trainer(tmp_path, max_steps=40), Tiny(), datamodule=TinyData(), **sweep)
     pl.seed_everything(0)
@@ -380,7 +380,7 @@ def test_suggestion_is_the_peak_of_a_torch_scheduler(kind, tmp_path):
     """schedule="auto" reads the scheduler configure_optimizers returns: the sweep is the same, the
     suggestion is that schedule's peak, and in fit the scheduler peaks at it."""
     steps = 40
-    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40)
+    sweep = dict(min_lr=1e-4, max_lr=10.0, num_steps=40, race=False)  # the curve's schedule-aware pick
     pl.seed_everything(0)
     blind = find_lr(quiet_trainer(tmp_path, max_steps=steps), TorchScheduled(kind, steps), datamodule=TinyData(),
                     schedule=None, **sweep)
@@ -405,3 +405,93 @@ def test_suggestion_is_the_peak_of_a_torch_scheduler(kind, tmp_path):
     trainer.fit(TorchScheduled(kind, steps), datamodule=TinyData())
     assert finder.result.lr == pytest.approx(aware.lr)
     assert max(lrs.lrs) == pytest.approx(aware.lr)  # the scheduler peaks at the suggestion
+
+
+# The race (issue 19): candidates around the curve's edge, trained from one start, judged on held-out loss.
+
+class Recorder(pl.Callback):
+    """What the race's isolation must hide: any hook call during find_lr."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_batch_start(self, *args):
+        self.calls += 1
+
+
+def test_race_trains_each_candidate_from_the_same_start_on_held_out_data(tmp_path):
+    from lrfuse.lightning._sweep import race
+
+    pl.seed_everything(0)
+    # The race, run inside fit at its start (as LRFinder does), with a repeated LR and LR 0.
+    out = {}
+
+    class Race(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            before = [p.detach().clone() for p in pl_module.parameters()]
+            out["losses"] = race(trainer, pl_module, [1e-2, 0.0, 1e-2, 5e-2], steps=6)
+            out["again"] = race(trainer, pl_module, [5e-2], steps=6)
+            out["zero"] = race(trainer, pl_module, [1e-2], steps=6, factor=lambda t: 0.0)
+            out["same_weights"] = all(torch.equal(a, b) for a, b in zip(before, pl_module.parameters()))
+            raise SystemExit  # stop fit here
+
+    trainer = quiet_trainer(tmp_path, max_steps=50, callbacks=[Race()])
+    with pytest.raises(SystemExit):
+        trainer.fit(Tiny(lr=1e-2), datamodule=TinyData())
+    lr_a, untrained, lr_a_again, lr_b = out["losses"]
+    assert lr_a == lr_a_again and out["again"] == [lr_b]  # one start, one batch order, every time
+    assert out["zero"] == [untrained] and lr_a < untrained  # LR 0 (or factor 0) trains nothing
+    assert out["same_weights"]
+
+
+def test_race_picks_from_held_out_losses_and_restores_everything(tmp_path):
+    sweep = dict(min_lr=1e-5, max_lr=10.0, num_steps=40)
+    pl.seed_everything(0)
+    recorder = Recorder()
+    trainer = quiet_trainer(tmp_path, max_steps=50, callbacks=[recorder])
+    raced = find_lr(trainer, Tiny(), datamodule=TinyData(), **sweep)
+    assert recorder.calls == 0  # no other callback saw the sweep's or the race's steps
+    assert raced.method == "race" and raced.race["steps"] == 10  # a fifth of the 50-step run
+    assert raced.race["lrs"] == pytest.approx([raced.edge * 10 ** d for d in (0.5, 0.0, -0.5, -1.0)])
+    assert raced.lr == pytest.approx(race_pick(raced.race["lrs"], raced.race["losses"]))
+    pl.seed_everything(0)
+    curve = find_lr(quiet_trainer(tmp_path, max_steps=50), Tiny(), datamodule=TinyData(), race=False, **sweep)
+    assert curve.lrs == raced.lrs and curve.losses == raced.losses and curve.race is None
+    assert raced.race["curve_lr"] == curve.lr
+    pl.seed_everything(0)
+    fixed = find_lr(quiet_trainer(tmp_path, max_steps=50), Tiny(), datamodule=TinyData(), race_steps=3, **sweep)
+    assert fixed.race["steps"] == 3
+    # Without validation data the held-out loss is the next training batches'.
+    pl.seed_everything(0)
+    no_val = find_lr(quiet_trainer(tmp_path, max_steps=50, limit_val_batches=0), Tiny(), datamodule=TinyData(), **sweep)
+    assert no_val.method == "race" and no_val.race["losses"] != raced.race["losses"]
+
+
+def test_race_needs_a_known_run_length(tmp_path):
+    pl.seed_everything(0)
+    result = find_lr(quiet_trainer(tmp_path, max_epochs=-1), Tiny(), datamodule=TinyData(), min_lr=1e-5, max_lr=10.0,
+                     num_steps=40)
+    assert result.race is None and result.method == "auto"
+
+
+def test_race_follows_the_runs_schedule_compressed(tmp_path):
+    """Under a warm-up + cosine schedule every candidate trains under that shape, squeezed into the race."""
+    from lrfuse.lightning import LRSchedule
+
+    seen = []
+
+    class Spy(Tiny):
+        def on_before_optimizer_step(self, optimizer):
+            seen.append(float(optimizer.param_groups[0]["lr"]))
+
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, max_steps=50, callbacks=[LRSchedule("cosine", warmup_steps=5)])
+    result = find_lr(trainer, Spy(), datamodule=TinyData(), min_lr=1e-5, max_lr=10.0, num_steps=40)
+    first = result.race["lrs"][0]
+    raced = seen[len(result.lrs): len(result.lrs) + 10]  # the first candidate's 10 steps
+    assert raced[0] == 0.0 and max(raced) == pytest.approx(first) and raced[-1] < 0.1 * first
+
+
+def test_race_steps_is_checked():
+    with pytest.raises(ValueError, match="race_steps must be an integer >= 1"):
+        LRFinder(race_steps=0)
