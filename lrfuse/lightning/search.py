@@ -15,7 +15,10 @@ non-finite training loss stops the trial and is reported as diverged; the search
   at the same step from the same start is what makes it the "fastest learning rate" method;
   Tune's asynchronous ASHA would compare trials against whoever reached a rung first.
 - ``pbt``: a population of ``trials`` (random LRs); at every ``perturbation_interval`` reports the
-  worst quarter copies the weights of the best quarter and perturbs its LR (Tune's PBT).
+  worst quarter copies the weights of the best quarter and perturbs its LR (Tune's PBT in its
+  synchronous mode, :func:`_pbt_scheduler`: every trial reaches the perturbation point before
+  anything is decided, and the draws come from a generator seeded by ``seed``, so the same call
+  gives the same trials, LRs and values whatever the timing).
 
 Every trial starts from the same initial weights and the same data order (the model instance is
 shipped once, or the factory is called after seeding; the RNG is seeded before fit), and keeps it
@@ -63,6 +66,8 @@ _META = "lrfuse_search.json"  # the search's own settings, in the experiment fol
 _RACE_STATE = os.path.join(".lrfuse", "{name}", "race.json")
 # Trainer arguments the search decides for every trial (budget, evaluation period, no own
 # checkpoints or loggers: Tune keeps both).
+# What each entry of a trial's ``reports`` holds, beside the metric.
+_REPORTED = ("step", "train_loss", "lr", "trial_lr", "data_chain", "weights_checksum")
 _FORCED = dict(enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
                num_sanity_val_steps=0, check_val_every_n_epoch=None, max_epochs=-1, max_time=None)
 
@@ -243,6 +248,7 @@ class _TrialReporter(Callback):
         self.starts = 0
         self.start_step = 0
         self.group_lrs: list[float] = []
+        self.reports: list[dict] = []  # every report of the weights' lineage (resumes and PBT exploits included)
         self.train_loss = math.nan
         self.diverged = False
 
@@ -326,6 +332,11 @@ class _TrialReporter(Callback):
         if self.audit:
             result["data_chain"] = self.data_chain
             result["weights_checksum"] = checksum([p for p in trainer.lightning_module.parameters()])
+        # Every report so far travels in the checkpoint and in each result: Tune's own result files
+        # lose rows around a pause (a paused trial's files are copied back from the storage, which
+        # may not have the last rows yet), so which rows they keep would depend on timing.
+        self.reports.append({key: result[key] for key in _REPORTED if key in result} | {self.metric: value})
+        result["reports"] = json.dumps(self.reports)
         if not checkpoint:
             tune.report(result)
             return
@@ -336,13 +347,14 @@ class _TrialReporter(Callback):
     @override
     def state_dict(self) -> dict:
         return {"init_checksum": self.init_checksum, "data_checksum": self.data_checksum, "starts": self.starts,
-                "lr": self.lr, "data_chain": self.data_chain}
+                "lr": self.lr, "data_chain": self.data_chain, "reports": self.reports}
 
     @override
     def load_state_dict(self, state: dict) -> None:
         self.init_checksum, self.data_checksum = state["init_checksum"], state["data_checksum"]
         self.starts = state["starts"]
         self.ckpt_lr, self.data_chain = state.get("lr"), state.get("data_chain", "")
+        self.reports = list(state.get("reports", []))
 
 
 def _node_id() -> str:
@@ -439,7 +451,10 @@ class TrialRecord:
         seconds: wall time of the trial.
         stop: why it stopped: ``budget``, ``race (behind at step N)``, ``diverged (step N)``, ``failed: ...``.
         verdict, why: ``too_high`` / ``too_low`` / ``ok`` and the reason, from LRHealthMonitor's rules.
-        history: ``(step, value, train_loss, lr)`` at every report.
+        history: ``(step, value, train_loss, lr)`` at every report of the trial's weights: a report
+            that a trial resumed from (pause, retry, Ctrl-C) is kept, one made after that checkpoint
+            is not; under PBT a trial that copied another's checkpoint carries that trial's reports
+            up to the copy.
         init_checksum, data_checksum: checksums of the initial weights and of the first evaluation
             interval's batches (equal across trials of a grid or race).
         reports: every report as a dict: ``step``, the metric, ``train_loss``, ``lr`` (the largest
@@ -585,17 +600,8 @@ def _records(results, metric: str, mode: str, budget: int, method: str) -> list[
     records = []
     for result in results:
         m = result.metrics or {}
-        df = result.metrics_dataframe
-        history, reports = [], []
-        if df is not None and metric in df:
-            # A trial resumed after a Ctrl-C may report a step again that Tune already kept: one
-            # row per step, the latest.
-            df = df.drop_duplicates(subset="step", keep="last")
-            for row in df[["step", metric, "train_loss", "lr"]].itertuples(index=False):
-                history.append((int(row[0]), float(row[1]), float(row[2]), float(row[3])))
-            columns = [c for c in ("step", metric, "train_loss", "lr", "trial_lr", "data_chain", "weights_checksum")
-                       if c in df]
-            reports = df[columns].to_dict("records")
+        reports = json.loads(m["reports"]) if m.get("reports") else []
+        history = [(int(r["step"]), float(r[metric]), float(r["train_loss"]), float(r["lr"])) for r in reports]
         steps = int(m.get("step", 0))
         if result.error is not None:
             stop = f"failed: {type(result.error).__name__}"
@@ -672,7 +678,8 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         finder_kwargs: arguments of the range test (:class:`lrfuse.LRFinder`) when it sets the range.
         seed: seed of every trial (weights from a factory, data order) and of random/PBT LRs.
         cpus_per_trial, gpus_per_trial: Ray resources of a trial (its torch threads: ``cpus_per_trial``).
-        max_concurrent: at most this many trials at once (default: as resources allow).
+        max_concurrent: at most this many trials at once (default: as resources allow); grid and
+            random only (the race and PBT need every trial in the search at once).
         address: join this Ray cluster (``"auto"``: the one this machine is part of).
         num_cpus: CPUs of a local Ray (default: all).
         include_dashboard: start Ray's dashboard (on 127.0.0.1) with a local Ray.
@@ -695,7 +702,8 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
 
     Raises:
         ValueError: for an unknown method, ``trials < 1``, ``min_lr >= max_lr`` or one of them
-            missing, a budget or period below 1, an unknown mode, negative resources or failures;
+            missing, a budget or period below 1, an unknown mode, negative resources or failures,
+            ``max_concurrent`` below ``trials`` for the race or PBT;
             with ``resume``, a missing ``name`` or experiment folder, or another method than saved.
         KeyboardInterrupt: when the search is interrupted (Ctrl-C); the message says how to resume.
         ImportError: without Ray Tune (``pip install "lrfuse[search]"``).
@@ -726,6 +734,14 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     if grace_period < 1 or reduction_factor < 2 or perturbation_interval < 1:
         raise ValueError("search_lr needs grace_period >= 1, reduction_factor >= 2 and perturbation_interval >= 1, "
                          f"got {grace_period}, {reduction_factor}, {perturbation_interval}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError(f"search_lr: max_concurrent must be >= 1, got {max_concurrent}")
+    if method in ("race", "pbt") and max_concurrent is not None and max_concurrent < trials:
+        # Tune's limit holds trials back until others end; the race and PBT compare every trial at the
+        # same step, so they would decide among whoever happened to be there.
+        raise ValueError(f"search_lr(method={method!r}) compares all {trials} trials at the same step, so they must all "
+                         f"be in the search at once: max_concurrent={max_concurrent} < trials is not possible; "
+                         "limit the trials running at a time with cpus_per_trial (or num_cpus) instead")
     saved = _saved_search(storage_path, name, method) if resume else None
     if not (isinstance(model, pl.LightningModule) or callable(model)):
         raise TypeError(f"search_lr: model must be a LightningModule or a callable returning one, "
@@ -876,7 +892,9 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
             rung = self._rung()
             if rung is None or any(t not in self.scores[rung] for t in self.alive):
                 return
-            ranked = sorted(self.alive, key=lambda t: self.scores[rung][t])
+            # Ties (two diverged trials) go by trial id, i.e. the order of the LRs: never by timing or
+            # by a set's order.
+            ranked = sorted(self.alive, key=lambda t: (self.scores[rung][t], t))
             self.alive = set(ranked[:max(1, math.ceil(len(ranked) / reduction_factor))])
             self.decided.add(rung)
             self._save()
@@ -939,6 +957,94 @@ def _race_scheduler(metric: str, mode: str, rungs: list[int], reduction_factor: 
     return _Race()
 
 
+def _pbt_scheduler(metric: str, mode: str, low: float, high: float, interval: int, budget: int, seed: int):
+    """Tune's PBT, synchronous and seeded: the same search gives the same trials, LRs and values.
+
+    Asynchronous PBT (Tune's default) decides a trial's exploit when that trial reports, against
+    whoever else has reported by then, so the outcome depends on timing. In the synchronous mode
+    a trial that reaches a perturbation point waits (paused, checkpointed) until every live trial
+    has reached it; then all decisions are taken at once, in a fixed order (by score, ties by the
+    order the trials were added). Time is our ``step`` (``interval`` steps between perturbations).
+
+    Tune's PBT draws the donor and the perturbation from Python's global ``random`` (and would
+    resample a Tune domain from numpy's global RNG), which anything else in the driver may draw
+    from too; here they come from a ``random.Random(seed)`` of the scheduler's own, and the
+    resample is a log-uniform draw from it. Besides:
+
+    - The last report (``budget`` steps) decides nothing: an exploit there would give the trial a
+      new LR with nothing left to train, and its record an LR that did not produce its value.
+    - A diverged trial's report is not a PBT result: the trial ends (as in every method) and is
+      reported as diverged.
+    - Tune's check "every live trial is at the point" counts failed trials as live, and decides
+      only when a trial reports: a trial that ends early (diverged, failed) while the others wait
+      would leave them waiting forever. Here finished trials do not count, and when nothing can
+      run and every live trial waits, the round is decided then (:meth:`choose_trial_to_run`).
+    - Tune adds trials to a search a few at a time (up to about 16 pending), which is safe: a
+      pending trial is live and has not reached the point, so no round is decided before every
+      trial is there. A concurrency limit (``max_concurrent``) would hold trials back until others
+      end, which is why :func:`search_lr` refuses one below the population.
+    """
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+    from ray.tune.schedulers import pbt as tune_pbt
+
+    rng = random.Random(seed)
+
+    def resample() -> float:
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+    class _Unfinished:
+        """The controller as PBT sees it: live trials are those not finished (failed ones included)."""
+
+        def __init__(self, controller) -> None:
+            self._controller = controller
+
+        def __getattr__(self, name: str):
+            return getattr(self._controller, name)
+
+        def get_live_trials(self):
+            return [t for t in self._controller.get_trials() if t in self._controller.get_live_trials()
+                    and not t.is_finished()]
+
+    class _SyncPBT(PopulationBasedTraining):
+        def __init__(self) -> None:
+            super().__init__(time_attr="step", metric=metric, mode=mode, perturbation_interval=interval,
+                             hyperparam_mutations={"lr": resample}, perturbation_factors=(2.0, 0.5),
+                             quantile_fraction=0.25, synch=True)
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return True  # set at construction
+
+        def _decide(self, controller, trial, result: dict) -> str:
+            # Tune's pbt module calls random.choice / random.random: ours for the call. The Tune loop
+            # runs in the driver's one thread, and nothing else reads that module's name.
+            saved, tune_pbt.random = tune_pbt.random, rng
+            try:
+                return super().on_trial_result(_Unfinished(controller), trial, result)
+            finally:
+                tune_pbt.random = saved
+
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            if result.get("diverged") or result.get("step", 0) >= budget:
+                return TrialScheduler.CONTINUE
+            return self._decide(tune_controller, trial, result)
+
+        def choose_trial_to_run(self, tune_controller):
+            trial = super().choose_trial_to_run(tune_controller)
+            if trial is not None:
+                return trial
+            live = _Unfinished(tune_controller).get_live_trials()
+            waiting = [t for t in live if t.status == Trial.PAUSED and not t.is_saving
+                       and self._trial_state[t].last_train_time >= self._next_perturbation_sync]
+            if not waiting or len(waiting) < len(live):
+                return None
+            # Every live trial waits at the point, and no report is coming to decide the round.
+            self._decide(tune_controller, waiting[0], self._trial_state[waiting[0]].last_result)
+            return super().choose_trial_to_run(tune_controller)
+
+    return _SyncPBT()
+
+
 def _rungs(reports: int, grace_period: int, reduction_factor: int) -> list[int]:
     """Report counts at which the race halves: grace, grace * rf, ... (before the last report)."""
     rungs, r = [], grace_period
@@ -951,7 +1057,6 @@ def _rungs(reports: int, grace_period: int, reduction_factor: int) -> list[int]:
 def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, storage_path, name, max_failures,
               grace_period, reduction_factor, perturbation_interval, reports, verbose, seed, resume=False):
     from ray import tune
-    from ray.tune.schedulers import PopulationBasedTraining
 
     name = name or f"lrfuse-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = os.path.join(_storage(storage_path), name)
@@ -969,13 +1074,8 @@ def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, stora
         scheduler = _race_scheduler(payload.metric, payload.mode, _rungs(reports, grace_period, reduction_factor),
                                     reduction_factor, _race_state(storage_path, name))
     elif method == "pbt":
-        import random
-
-        # PBT's explore draws from Python's RNG: seeded here so a PBT search can be repeated.
-        random.seed(seed)
-        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
-                                            hyperparam_mutations={"lr": tune.loguniform(low, high)},
-                                            perturbation_factors=(2.0, 0.5), quantile_fraction=0.25)
+        scheduler = _pbt_scheduler(payload.metric, payload.mode, low, high, perturbation_interval * payload.eval_every,
+                                   payload.max_steps, seed)
     run_config = tune.RunConfig(
         name=name, storage_path=_storage(storage_path),
         failure_config=tune.FailureConfig(max_failures=max_failures),
