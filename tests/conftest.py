@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ from torch.utils import cpp_extension
 
 from lrfuse import ops
 from parity import ALGORITHMS, needs_cuda
+
+
+def pytest_sessionstart(session):
+    """With ``LRFUSE_REQUIRE_NATIVE=1`` (set by .ci/run) the run fails here unless lrfuse's compiled
+    kernels serve the CPU: without them every test marked for the native backend would skip and
+    the run would pass on the reference path alone."""
+    if os.environ.get("LRFUSE_REQUIRE_NATIVE", "0") in ("", "0") or ops.backend("cpu") == "native":
+        return
+    why = (f"importing lrfuse._C failed: {type(ops._load_error).__name__}: {ops._load_error}" if ops._C is None
+           else f"LRFUSE_BACKEND={os.environ.get('LRFUSE_BACKEND')!r} forces the reference path")
+    pytest.exit(f"LRFUSE_REQUIRE_NATIVE=1, but the CPU backend is {ops.backend('cpu')!r}: {why}",
+                returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")

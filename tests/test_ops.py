@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -51,8 +52,17 @@ def test_opcheck(name, optional):
 
 
 def test_backend_reports_the_path(monkeypatch):
-    assert ops.backend("cpu") in {"native", "reference"}
+    # native exactly when the extension loaded (and the reference path is not forced); CI requires it
+    if os.environ.get("LRFUSE_REQUIRE_NATIVE", "0") not in ("", "0"):
+        assert ops._C is not None, f"lrfuse._C did not load: {ops._load_error}"
+    monkeypatch.setattr(ops, "_forced", None)
+    loaded = "native" if ops._C is not None else "reference"
+    assert [ops.backend("cpu"), ops.backend("meta"), ops.backend(torch.device("cpu"))] == [loaded] * 3
+    assert ops.backend("cuda") == ("native" if ops._C is not None and ops._C.with_cuda else "reference")
     monkeypatch.setattr(ops, "_forced", "reference")
+    assert ops.backend("cpu") == ops.backend("meta") == "reference"
+    monkeypatch.setattr(ops, "_forced", None)
+    monkeypatch.setattr(ops, "_C", None)
     assert ops.backend("cpu") == "reference"
 
 

@@ -57,20 +57,27 @@ from parity import PAIRS  # every algorithm of the parity suite: (fused class, t
 # `expecttest` package, and calls torch.backends.disable_global_flags() when imported, which
 # would make every later bare `torch.backends.cudnn.benchmark = ...` in this pytest process raise
 # (Lightning's Trainer does that in tests/lightning): that is undone right after the import.
+#
+# The port is skipped only when torch's module needs a package that the test set-up does not
+# install. Anything else is an error: a missing `expecttest` (pyproject's [test] extra installs
+# it, so CI has it), a torch module or name that moved (an API change under another torch).
+_INSTALLED_FOR_TESTS = {"expecttest", "torch", "numpy"}
 _flags_were_frozen = torch.backends.flags_frozen()
 try:
     from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
-    _import_error = None
-except Exception as exc:  # noqa: BLE001 - any failure of torch's internal test module
-    _import_error = exc
-if not _flags_were_frozen and torch.backends.flags_frozen():
-    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
-if _import_error is not None:
-    pytest.skip(
-        f"torch.testing._internal.common_optimizers cannot be imported ({type(_import_error).__name__}: "
-        f"{_import_error}); it needs the `expecttest` package: pip install expecttest",
-        allow_module_level=True,
-    )
+    _missing = None
+except ModuleNotFoundError as exc:
+    if exc.name is None or exc.name.split(".")[0] in _INSTALLED_FOR_TESTS:
+        raise ImportError(f"torch.testing._internal.common_optimizers cannot be imported ({exc}); the [test] extra "
+                          "installs what it needs (pip install -e '.[test]'), and a torch module that moved is an "
+                          "API change to port") from exc
+    _missing = exc
+finally:
+    if not _flags_were_frozen and torch.backends.flags_frozen():
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+if _missing is not None:
+    pytest.skip(f"torch.testing._internal.common_optimizers needs {_missing.name!r}, which the test set-up does not "
+                f"install ({_missing})", allow_module_level=True)
 
 INFO = {name: next(info for info in optim_db if info.optim_cls is torch_cls)
         for name, (_, torch_cls) in PAIRS.items()}
