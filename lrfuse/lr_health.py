@@ -8,7 +8,8 @@ tasks whose losses live on any scale and for optimizers whose ratios differ (Ada
 
 too high
     * the loss is non-finite, or **exploded**: at some check it rose above ``explode_factor``
-      times its start. A loss that spiked and came back down still says the LR is at the edge of
+      times its start, or stayed above ``sustain_factor`` times its start for ``patience`` checks
+      (a one-check spike that size is the first steps of RMSprop at a good LR). A loss that spiked and came back down still says the LR is at the edge of
       stability; the verdict stays until the LR has been lowered to half of what it was then.
     * the loss is **rising**: the median of the last ``patience`` checks is above the best loss by
       more than ``rise`` of the progress made (start - best), and by more than ``diverge_factor - 1``
@@ -51,6 +52,7 @@ class HealthRules:
         low_ratio: ratio below which the updates are small.
         patience: consecutive checks a ratio rule needs, and the checks the recent loss averages.
         explode_factor: a loss above ``explode_factor`` times its start (or non-finite) exploded.
+        sustain_factor: so did a loss whose median over ``patience`` checks is above this times its start.
         rise: the share of its progress a loss must give back to be rising.
         diverge_factor: and the factor above its best (for a loss that has made little progress).
         fall_tol: the loss has fallen when the recent median is below ``(1 - fall_tol)`` times its start.
@@ -72,6 +74,7 @@ class HealthRules:
     low_ratio: float = 2.5e-4
     patience: int = 3
     explode_factor: float = 100.0
+    sustain_factor: float = 10.0
     rise: float = 0.5
     diverge_factor: float = 2.0
     fall_tol: float = 0.25
@@ -100,7 +103,9 @@ class HealthRules:
         if finite:
             self._best = min(self._best, mean_loss)
         first = self._first
-        if not finite or (first is not None and mean_loss > first + (self.explode_factor - 1) * abs(first)):
+        above = (lambda value, k: first is not None and value > first + (k - 1) * abs(first))
+        sustained = len(self._recent) == self._recent.maxlen and above(self._recent_loss(), self.sustain_factor)
+        if not finite or above(mean_loss, self.explode_factor) or sustained:
             if self._peak is None or self._cleared:
                 self._peak, self._peak_lr, self._cleared = (mean_loss if finite else math.inf), lr, False
         elif self._peak is not None and not self._cleared and lr is not None and self._peak_lr is not None:

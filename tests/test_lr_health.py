@@ -142,3 +142,13 @@ def test_state_dict_round_trip_and_older_state_dicts():
 def test_history_is_not_an_argument(name):
     with pytest.raises(TypeError):
         HealthRules(**{name: None})
+
+
+def test_a_loss_that_stays_far_above_its_start_exploded():
+    # Adam at 0.46 on a small binary task: 0.695 -> 29 and 6-26 for seven checks, then down to 0.1.
+    losses = [0.695, 29.0, 25.8, 5.8, 16.5, 14.4, 11.7, 18.4, 2.26, 0.53, 0.23, 0.16, 0.12, 0.11, 0.1]
+    status, why = judge(losses, 1e-2)
+    assert status == "too_high" and "exploded" in why, why
+    # One check that high is not (see the RMSprop start above); three in a row are.
+    assert judge([0.7, 9.0, 0.5, 0.4, 0.3, 0.2], 1e-2)[0] == "ok"
+    assert judge([0.7, 9.0, 9.0, 9.0, 0.3, 0.2], 1e-2)[0] == "too_high"
