@@ -1,11 +1,12 @@
 """LR search on Ray Tune against the finder alone and a full grid: which LR, how good, at what cost.
 
-For each dataset (the pieces of ``finder_quality.py``: its data, models, seeds and scores), every
-method trains the same seeded model with FusedAdam at a constant LR for the same budget of steps,
+For each task of ``tasks.py`` (its data, model, optimizer, seeds and scores), every method trains
+the same seeded model with the task's optimizer at a constant LR for the same budget of steps,
 validating every ``budget / 10`` steps, and is judged by the validation score of the LR it picks
 (accuracy in percent, or ``100 * max(R^2, 0)``), in points:
 
-- ``finder``: lrfuse's range test (100 steps, 1e-5 .. 1), then one training run at its suggestion;
+- ``finder``: lrfuse's ``find_lr`` (range test of 100 steps over 1e-5 .. 1 and its race, in a
+  trainer of the run's length), then one training run at its suggestion;
 - ``race``, ``random``, ``pbt``: :func:`lrfuse.search_lr` over the finder's plausible range (its default);
 - ``grid``: :func:`lrfuse.search_lr` with a log grid over the whole range 1e-5 .. 1, which is also the
   reference: the best score any of its LRs reached.
@@ -21,7 +22,6 @@ start-up excluded; trials run two at a time on the 2-core VM, so wall time is no
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -31,7 +31,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -39,51 +38,49 @@ METHODS = ("finder", "race", "random", "pbt", "grid")
 FULL_RANGE = (1e-5, 1.0)
 
 
-def _finder_quality():
-    """benchmarks/finder_quality.py as a module: its datasets, models, cases and scores."""
-    name = "finder_quality"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "finder_quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+sys.path.insert(0, str(HERE))
+import tasks  # noqa: E402  (the benchmarks' tasks: data, models, seeds and scores)
+
+FALLBACK_LR = 1e-3  # the model's LR, kept when the finder makes no suggestion
 
 
-fq = _finder_quality()
+def _trainer(root: str, **kwargs):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                      default_root_dir=root, **kwargs)
 
 
 def lightning_pieces(case):
-    """A LightningModule and DataModule over one finder_quality ``Case``: its seeded net, its loader."""
+    """A LightningModule and DataModule over one ``tasks.Case``: its seeded net, its loader."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lrfuse
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.lr = fq.FALLBACK_LR
+            self.lr = FALLBACK_LR
             self.net = case.net()  # seeded: the same weights in every method
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return fq.loss_fn(case.spec.task, self.net(x), y)
+            return case.loss(self.net, *batch)
 
         def validation_step(self, batch, batch_idx):
             x, y = batch
-            self.log("val_loss", fq.loss_fn(case.spec.task, self.net(x), y))
-            self.log("val_score", fq.score(case.spec.task, self.net, x, y))
+            self.log("val_loss", case.loss(self.net, x, y))
+            self.log("val_score", tasks.score(case.task.kind, self.net, x, y))
 
         def configure_optimizers(self):
-            return lrfuse.FusedAdam(self.parameters(), lr=self.lr)
+            return tasks.make_optimizer(case.task, self.parameters(), self.lr)
 
     class Data(pl.LightningDataModule):
         def train_dataloader(self):
             return case.loader()  # its own seeded generator: the same batch order every run
 
         def val_dataloader(self):
-            return DataLoader(TensorDataset(case.x_va, case.y_va), batch_size=len(case.y_va))
+            return DataLoader(TensorDataset(case.data.x_va, case.data.y_va), batch_size=len(case.data.y_va))
 
     return Module, Data
 
@@ -95,7 +92,7 @@ def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dic
     from lrfuse.lightning.finder import find_lr
     from lrfuse.lightning.search import search_lr
 
-    case = fq.Case(fq.SPECS[name], seed)
+    case = tasks.Case(tasks.TASKS[name], seed)
     Module, Data = lightning_pieces(case)
     out = {"dataset": name, "seed": seed, "budget": budget, "methods": {}}
     common = dict(max_steps=budget, eval_every=max(1, budget // reports), metric="val_score", mode="max", seed=seed,
@@ -104,14 +101,17 @@ def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dic
     # The finder alone: its sweep, then one run at the suggestion (the same Trainer path as a trial).
     t0 = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
-    finder = find_lr(fq._trainer(storage, max_epochs=1), Module(), datamodule=Data(), min_lr=FULL_RANGE[0],
+    # The finder in a trainer set up as the run (its length: the race trains a fifth of it per candidate).
+    finder = find_lr(_trainer(storage, max_steps=budget), Module(), datamodule=Data(), min_lr=FULL_RANGE[0],
                      max_lr=FULL_RANGE[1], num_steps=finder_steps)
     finder_seconds = time.perf_counter() - t0
-    lr = finder.lr if finder.lr is not None else fq.FALLBACK_LR
+    finder_cost = len(finder.lrs) + (len(finder.race["lrs"]) * finder.race["steps"] if finder.race else 0)
+    lr = finder.lr if finder.lr is not None else FALLBACK_LR
     single = search_lr(Module(), Data(), "grid", trials=1, min_lr=lr / 1.0001, max_lr=lr * 1.0001, **common)
     (run,) = single.trials
-    out["finder"] = {"lr": finder.lr, "low": finder.low, "high": finder.high, "steps": len(finder.lrs)}
-    out["methods"]["finder"] = _entry(run.lr, run.value, len(finder.lrs) + run.steps, finder_seconds + run.seconds)
+    out["finder"] = {"lr": finder.lr, "low": finder.low, "high": finder.high, "steps": finder_cost,
+                     "method": finder.method}
+    out["methods"]["finder"] = _entry(run.lr, run.value, finder_cost + run.steps, finder_seconds + run.seconds)
 
     searches = {
         "race": dict(method="race", trials=trials["race"]),
@@ -124,7 +124,7 @@ def run_dataset(name: str, seed: int, budget: int, grid_points: int, trials: dic
             kwargs.update(min_lr=finder.low, max_lr=finder.high)
         result = search_lr(Module(), Data(), **kwargs, **common)
         best = result.best
-        cost = result.total_steps + (0 if method == "grid" else len(finder.lrs))
+        cost = result.total_steps + (0 if method == "grid" else finder_cost)
         seconds = sum(t.seconds for t in result.trials) + (0 if method == "grid" else finder_seconds)
         out["methods"][method] = _entry(result.lr, best.value if best else math.nan, cost, seconds)
         out["methods"][method]["trials"] = [{"lr": t.lr, "value": t.value, "steps": t.steps, "stop": t.stop,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="digits only, budget 20 in 4 reports, a 40-step finder, 2 trials a method (CI)")
-    parser.add_argument("--datasets", default=None, help=f"comma-separated, of {','.join(fq.SPECS)} "
+    parser.add_argument("--datasets", default=None, help="comma-separated tasks of benchmarks/tasks.py "
                                                         "(default digits,class20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", type=int, default=None, help="training steps of a run (default 300; smoke 20)")
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(HERE / "results" / "search_quality.json"))
     args = parser.parse_args(argv)
     datasets = args.datasets.split(",") if args.datasets else (["digits"] if args.smoke else ["digits", "class20"])
-    unknown = [d for d in datasets if d not in fq.SPECS]
+    unknown = [d for d in datasets if d not in tasks.TASKS]
     if unknown:
-        parser.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(fq.SPECS)}")
+        parser.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(tasks.TASKS)}")
     budget = args.budget or (20 if args.smoke else 300)
     grid_points = args.grid or (2 if args.smoke else 8)
     trials = {"race": 2, "random": 2, "pbt": 2} if args.smoke else {"race": 8, "random": 4, "pbt": 4}
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The trial workers cannot import these scripts: their classes travel by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cloudpickle.register_pickle_by_value(fq)
+    cloudpickle.register_pickle_by_value(tasks)
     start = time.perf_counter()
     results = []
     try:
