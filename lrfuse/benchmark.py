@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import benchmark as tbench
 
+from lrfuse._threads import torch_threads
+
 __all__ = ["BENCHED", "OPTIMIZERS", "WORKLOADS", "compare_step_time", "main", "measure_bandwidth", "run"]
 
 WORKLOADS = ("large", "many_small", "many_groups", "llrd", "resnet_like", "tiny")
@@ -348,10 +350,13 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
     ``min_run_time`` seconds each, in short alternating blocks, so drift on a shared machine hits
     them alike. The row's bandwidth is the probe's median from the same blocks.
     """
-    dev = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
+    with torch_threads(threads) as threads:  # the caller's thread count comes back afterwards
+        return _run(torch.device(device), workloads, optimizers, threads, min_run_time, quick, large_params,
+                    bandwidth_numel, log)
+
+
+def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str], threads: int, min_run_time: float,
+         quick: bool, large_params: int | None, bandwidth_numel: int | None, log: Callable[[str], None]) -> dict:
     info = machine_info(dev, threads)
     log(f"# {info['cpu_model']}, {info['cpu_count']} CPUs, {threads} threads, isa {info['cpu_isa']}, "
         f"torch {info['torch']}, device {dev}" + (f" ({info['gpu']})" if "gpu" in info else ""))

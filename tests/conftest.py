@@ -25,6 +25,17 @@ def pytest_sessionstart(session):
                 returncode=pytest.ExitCode.USAGE_ERROR)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """torch's thread count after each test is what it was before: a test that changes it (or
+    calls code that does) must not leave the later tests on one thread, where the CPU kernels'
+    parallel split never runs."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cuda_emulator(tmp_path_factory):
     """tests/cuda_emulator.cpp, compiled against the torch in use (~1 min, once per session)."""

@@ -14,10 +14,13 @@ from benchmark_scripts import load_benchmark
 
 def test_quick_run_reports_every_workload_and_optimizer(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    torch.set_num_threads(3)  # the caller's count, which --threads 1 must leave as it was
     rc = benchmark.main(["--quick", "--threads", "1", "--min-run-time", "0.002", "--bandwidth-numel", "65536",
                          "--json", str(out)])
     assert rc == 0
+    assert torch.get_num_threads() == 3
     result = json.loads(out.read_text())
+    assert result["machine"]["threads"] == 1
     seen = {(e["workload"], e["optimizer"]) for e in result["rows"]}
     assert seen == {(w, o) for w in benchmark.WORKLOADS for o in benchmark.OPTIMIZERS}
     for e in result["rows"]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lrfuse
+from lrfuse._threads import torch_threads
 from parity import leaf
 
 
@@ -170,7 +171,8 @@ def test_op_names_the_first_bad_tensor_of_a_large_call():
         args["exp_avg"][1400] = torch.zeros(4, 3, dtype=torch.float64)
         args["grads"][1501] = torch.randn(2, 4)
         args["grads"][2900] = torch.randn(3, 4)
-        with pytest.raises(RuntimeError, match=r"exp_avg\[1400\] is Double but params\[1400\] is Float"):
+        message = r"exp_avg\[1400\] is Double but params\[1400\] is Float"
+        with torch_threads(2), pytest.raises(RuntimeError, match=message):
             torch.ops.lrfuse.fused_adam_(**args)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lrfuse._threads import torch_threads
 from parity import ALGORITHMS, LR, clone_like, leaf, run_low_precision, run_parity, step_both
 
 CHUNK = 65536  # kChunkSize in csrc/cuda/launch_plan.h: bigger tensors span several blocks
@@ -46,6 +47,40 @@ def three_groups(name: str, dev: torch.device) -> list[dict]:
         {"params": ps[3:6], "lr": lr * 0.3, **extras[1]},
         {"params": ps[6:8], **extras[2]},
     ]
+
+
+def split_by_threads(name: str, dev: torch.device) -> list[dict]:
+    """:func:`three_groups` plus what makes both parallel passes of the CPU kernels split at two and
+    three threads: 150 small tensors (the check-and-plan pass takes chunks of kTensorGrain = 64
+    tensors, csrc/cpu/fused_optim.cpp) and about 325,000 elements (the element space is cut into
+    pieces of at least kGrainSize = 32,768, csrc/cpu/plan.h). Two threads cut it inside a
+    transposed weight with a contiguous gradient (the strided walk); three cut it there and inside
+    the flat 131,195-element tensor."""
+    groups = three_groups(name, dev)
+    torch.manual_seed(5)
+    groups[1]["params"] += [leaf(torch.randn(17, device=dev)) for _ in range(150)]
+    groups[2]["params"] += [leaf(torch.randn(300, 401, device=dev).t()), leaf(torch.randn(200, 700, device=dev)[:, ::2])]
+    return groups
+
+
+@pytest.mark.parametrize("backend", ["native"], indirect=True)
+@pytest.mark.parametrize("name", NAMES)
+def test_threads_split_the_work(name, backend):
+    """Parity with the for-loop when the step runs on two and on three threads, and the very same
+    bits as on one thread (no element's update depends on where the work is cut)."""
+    results = {}
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
+            assert torch.get_num_threads() == threads
+            groups = split_by_threads(name, backend)
+            torch.manual_seed(7)  # the same gradients in every run
+            fused, _ = run_parity(name, groups, steps=3, has_grad=some_missing, lr=LR[name])
+        params = [p for g in fused.param_groups for p in g["params"]]
+        results[threads] = [t.detach() for p in params for t in (p, *fused.state[p].values()) if torch.is_tensor(t)]
+    for threads in (2, 3):
+        assert len(results[threads]) == len(results[1])
+        for i, (one, many) in enumerate(zip(results[1], results[threads])):
+            assert torch.equal(one, many), f"{name}: tensor {i} differs between 1 and {threads} threads"
 
 
 @pytest.mark.parametrize("name", NAMES)

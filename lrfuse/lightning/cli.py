@@ -233,11 +233,17 @@ def _demo(argv: list[str]) -> int:
                              "(a model this small runs fastest on one)")
     args = parser.parse_args(argv)
     _quiet()
+    from lrfuse._threads import torch_threads
+
+    with torch_threads(args.threads):  # the caller's count comes back afterwards
+        return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from lrfuse.lightning import demo
+
     progress = not args.no_progress
     start = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
     print("lrfuse demo: scikit-learn digits (1,797 8x8 images), MLP 64-128-128-10, lrfuse.FusedAdam, CPU")
     print(f"1/3 LR range test ({demo.FINDER['num_steps']} steps, {demo.FINDER['min_lr']:g} .. "
           f"{demo.FINDER['max_lr']:g}) ...", flush=True)

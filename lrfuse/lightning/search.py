@@ -392,10 +392,16 @@ def _quiet() -> None:
 
 def _trial(config: dict, payload: _Payload) -> None:
     """One Tune trial: a fresh Trainer at ``config["lr"]``, resumed from Tune's checkpoint if any."""
-    from ray import tune
+    from lrfuse._threads import torch_threads
 
     _quiet()
-    torch.set_num_threads(payload.threads)
+    with torch_threads(payload.threads):  # the worker's own count comes back (Tune reuses workers)
+        _train(config, payload)
+
+
+def _train(config: dict, payload: _Payload) -> None:
+    from ray import tune
+
     pl.seed_everything(payload.seed, workers=True, verbose=False)  # the same data order in every trial
     if isinstance(payload.model, pl.LightningModule):
         model = copy.deepcopy(payload.model)  # the trial's own copy; every trial starts from the same weights

@@ -100,9 +100,12 @@ def test_lrfuse_find_and_demo(tmp_path, capsys):
                  "--optimizer=lrfuse.FusedAdamW", "--optimizer.weight_decay=0.01"]) == 0
     out = capsys.readouterr().out
     assert "[30 steps" in out and f"--config {config}" in out and "--optimizer.lr=" in out
+    torch.set_num_threads(3)  # the caller's count: the demo runs on --threads (default 1), then restores it
     assert main(["demo", "--no-progress", "--epochs=1", "--plot="]) == 0
+    assert torch.get_num_threads() == 3
     out = capsys.readouterr().out
     assert "final validation accuracy" in out and "lrfuse.FusedAdam" in out and "torch.optim.Adam" in out
+    assert "(median, 1 thread)" in out
 
 
 def test_usage_and_dispatch(capsys):
