@@ -22,12 +22,22 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The test suite against the oldest supported torch (CPU kernels), in a copy of the tree: the
+# What depends on torch's version: the ops and their registration, the optimizers against torch's
+# own (parity, torch's optim_db suite, drop-in edits, errors, state dicts, compile), AMP, and the
+# distributed tests (FSDP2, tensor parallel, DCP). The LR tools and the Ray search sit on top of
+# these and run once, in `make test`.
+TORCH_TESTS := tests/test_ops.py tests/test_parity.py tests/test_torch_suite.py tests/test_drop_in.py \
+	tests/test_errors.py tests/test_state_dict.py tests/test_step_cache.py tests/test_groups.py \
+	tests/test_launch_plan.py tests/test_distributed.py tests/lightning/test_optimizers.py \
+	tests/lightning/test_precision.py tests/lightning/test_sharded.py
+
+# Those tests against the oldest supported torch (CPU kernels), in a copy of the tree: the
 # extension is built in place, and the copy keeps it from replacing the main build's.
 test-oldest:
 	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
 	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
-	$(MAKE) -C $(OLDEST)/src test VENV=../venv TORCH="$(OLDEST_TORCH)" LRFUSE_CUDA=0 PYTHON=$(PYTHON)
+	$(MAKE) -C $(OLDEST)/src test VENV=../venv TORCH="$(OLDEST_TORCH)" LRFUSE_CUDA=0 PYTHON=$(PYTHON) \
+		PYTEST_ARGS="$(TORCH_TESTS)"
 
 bench: $(VENV)/.built
 	$(VENV)/bin/lrfuse bench
