@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,6 +67,8 @@ _META = "lrfuse_search.json"  # the search's own settings, in the experiment fol
 _RACE_STATE = os.path.join(".lrfuse", "{name}", "race.json")
 # Trainer arguments the search decides for every trial (budget, evaluation period, no own
 # checkpoints or loggers: Tune keeps both).
+# A trial's report that ends the search with this error (the metric is not logged).
+_ERROR = "lrfuse_error"
 # What each entry of a trial's ``reports`` holds, beside the metric.
 _REPORTED = ("step", "train_loss", "lr", "trial_lr", "data_chain", "weights_checksum")
 _FORCED = dict(enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -249,6 +252,9 @@ class _TrialReporter(Callback):
         self.start_step = 0
         self.group_lrs: list[float] = []
         self.reports: list[dict] = []  # every report of the weights' lineage (resumes and PBT exploits included)
+        self.next_report = eval_every  # the step whose validation is the next report
+        self.lr_attr = "lr"
+        self.scratch: str | None = None  # the trial's temporary folder (checkpoints are written there)
         self.train_loss = math.nan
         self.diverged = False
 
@@ -267,11 +273,17 @@ class _TrialReporter(Callback):
         self.group_lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
         self.starts += 1
         self.start_step = trainer.global_step
+        self.next_report = (trainer.global_step // self.eval_every + 1) * self.eval_every
+        self.lr_attr = _lr_attr(pl_module)
         if trainer.global_step == 0:
             self.init_checksum = checksum([p for p in pl_module.parameters()])
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.next_report and not self.diverged:
+            self._no_metric(trainer, f"no validation ran at step {self.next_report} (the model has no "
+                                     "validation_step, or the data no val_dataloader)")
+            return
         if self.data_checksum is None and trainer.global_step < self.eval_every:
             _digest(batch, self._data_hash)  # the data order up to the first report
         if self.audit:
@@ -298,13 +310,30 @@ class _TrialReporter(Callback):
             return
         metrics = trainer.callback_metrics
         if self.metric not in metrics:
-            raise KeyError(f"search_lr(metric={self.metric!r}): the model logs no such metric in validation "
-                           f"(logged: {', '.join(sorted(metrics)) or 'nothing'}); pass metric= one of them, "
-                           "or self.log it in validation_step")
+            self._no_metric(trainer, f"the validation at step {trainer.global_step} logged no {self.metric!r}")
+            return
         value = float(metrics[self.metric])
         if not math.isfinite(value):
             value = math.inf if self.mode == "min" else -math.inf
         self._report(trainer, value, checkpoint=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step >= self.next_report and not (self.diverged or trainer.should_stop):
+            self._no_metric(trainer, f"no validation ran at step {self.next_report} (the model has no "
+                                     "validation_step, or the data no val_dataloader)")
+
+    def _no_metric(self, trainer: pl.Trainer, why: str) -> None:
+        """The search's metric is not there at a report: end the search with an error (``_fit``
+        raises it) naming the metric and what the model logged, rather than train every trial on and
+        report NaN."""
+        from ray import tune
+
+        logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
+        message = (f"search_lr(metric={self.metric!r}): {why}; the model logged: {logged}. Pass metric= one of "
+                   f"those (and mode=), or self.log({self.metric!r}, ...) in validation_step")
+        trainer.should_stop = True
+        tune.report({self.metric: math.nan, "step": trainer.global_step, _ERROR: message})
 
     def _verdict(self) -> tuple[str, str]:
         """The worst verdict over the groups, as LRHealthMonitor gave it."""
@@ -324,11 +353,12 @@ class _TrialReporter(Callback):
             self.data_checksum = self._data_hash.hexdigest()[:16]
         verdict, why = self._verdict()
         optimizer = trainer.optimizers[0]
+        self.next_report = trainer.global_step + self.eval_every
         result = {self.metric: value, "step": trainer.global_step, "lr": max(float(g["lr"]) for g in optimizer.param_groups),
                   "group_lrs": self.group_lrs, "train_loss": self.train_loss, "verdict": verdict, "why": why,
                   "diverged": self.diverged, "init_checksum": self.init_checksum,
                   "data_checksum": self.data_checksum, "starts": self.starts, "start_step": self.start_step,
-                  "trial_lr": self.lr, "node_id": _node_id()}
+                  "trial_lr": self.lr, "node_id": _node_id(), "lr_attr": self.lr_attr}
         if self.audit:
             result["data_chain"] = self.data_chain
             result["weights_checksum"] = checksum([p for p in trainer.lightning_module.parameters()])
@@ -340,7 +370,9 @@ class _TrialReporter(Callback):
         if not checkpoint:
             tune.report(result)
             return
-        with tempfile.TemporaryDirectory() as folder:
+        # In the trial's folder: a trial paused here never comes back from tune.report, and the search
+        # removes that folder with the rest of its scratch space.
+        with tempfile.TemporaryDirectory(dir=self.scratch, ignore_cleanup_errors=True) as folder:
             trainer.save_checkpoint(os.path.join(folder, _CKPT))
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -378,6 +410,7 @@ class _Payload:
     max_steps: int
     health_every: int
     audit: bool = False
+    scratch: str | None = None  # the search's temporary folder (trials' folders go in it; removed at the end)
 
 
 def _quiet() -> None:
@@ -416,15 +449,31 @@ def _train(config: dict, payload: _Payload) -> None:
     _exact_resume(datamodule, reporter)
     kwargs = dict(payload.trainer_kwargs)
     callbacks = [copy.deepcopy(cb) for cb in kwargs.pop("callbacks", None) or []]
-    # The reporter first: it applies the LR before a schedule callback reads the groups' LRs.
-    trainer = pl.Trainer(**kwargs, callbacks=[reporter, *callbacks, monitor], max_steps=payload.max_steps,
-                         val_check_interval=payload.eval_every, default_root_dir=tempfile.mkdtemp(prefix="lrfuse-trial-"),
-                         **_FORCED)
-    ckpt_path = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        ckpt_path = os.path.join(checkpoint.to_directory(), _CKPT)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if payload.scratch is not None:
+        os.makedirs(payload.scratch, exist_ok=True)  # made on another node of a cluster
+    # Everything the trial writes goes in its own folder inside the search's scratch folder: removed
+    # when the trial ends, and with the scratch folder when the search ends (also after a failure,
+    # a dead worker or Ctrl-C, when a trial never gets to remove its own).
+    with tempfile.TemporaryDirectory(prefix="lrfuse-trial-", dir=payload.scratch, ignore_cleanup_errors=True) as root:
+        reporter.scratch = root
+        # The reporter first: it applies the LR before a schedule callback reads the groups' LRs.
+        trainer = pl.Trainer(**kwargs, callbacks=[reporter, *callbacks, monitor], max_steps=payload.max_steps,
+                             val_check_interval=payload.eval_every, default_root_dir=os.path.join(root, "trainer"),
+                             **_FORCED)
+        checkpoint = tune.get_checkpoint()
+        ckpt_path = None if checkpoint is None else os.path.join(_checkpoint_folder(checkpoint, root), _CKPT)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+
+def _checkpoint_folder(checkpoint, root: str) -> str:
+    """A local folder holding ``checkpoint``: its own on a local file system (read in place, no
+    copy), else a download into ``root`` (Ray's default would be a ``checkpoint_tmp_*`` folder in
+    the temp dir that nothing removes)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+        return checkpoint.path
+    return checkpoint.to_directory(os.path.join(root, "restore"))
 
 
 def _exact_resume(datamodule: pl.LightningDataModule, reporter: _TrialReporter) -> None:
@@ -645,9 +694,10 @@ def _pick(records: list[TrialRecord], mode: str, budget: int) -> TrialRecord | N
 # ----------------------------------------------------------------------------- the search
 
 def _lr_attr(model: Any) -> str:
+    """The model's LR argument (``lr`` or ``learning_rate``) for :meth:`LRSearchResult.config`."""
     hparams = getattr(model, "hparams", {}) or {}
     for name in ("lr", "learning_rate"):
-        if name in hparams or name in vars(model):
+        if name in hparams or name in getattr(model, "__dict__", {}):
             return name
     return "lr"
 
@@ -664,7 +714,9 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     """Search the learning rate on Ray Tune: ``"grid"``, ``"random"``, ``"race"`` or ``"pbt"``.
 
     Every trial trains ``model`` (a copy of it, or a fresh one from the factory) for ``max_steps``
-    at one LR, validates every ``eval_every`` steps and reports ``metric``. The LR is the peak of
+    at one LR, validates every ``eval_every`` steps and reports ``metric``. The search writes its
+    results under ``storage_path`` / ``name`` and nothing else: the trials' temporary files live in
+    one folder of the temp dir that is removed when the search ends, also by an error or Ctrl-C. The LR is the peak of
     the model's own optimizer groups, all scaled together (ratios kept, as the finder does). Ray
     starts locally on 127.0.0.1 (usage statistics off, no dashboard) unless ``address`` joins a
     cluster or Ray is already initialised in this process.
@@ -710,7 +762,9 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         ValueError: for an unknown method, ``trials < 1``, ``min_lr >= max_lr`` or one of them
             missing, a budget or period below 1, an unknown mode, negative resources or failures,
             ``max_concurrent`` below ``trials`` for the race or PBT;
-            with ``resume``, a missing ``name`` or experiment folder, or another method than saved.
+            with ``resume``, a missing ``name`` or experiment folder, or another method than saved;
+            at the first report, when ``metric`` is not there (no validation ran, or it logged other
+            names: the message lists them); the search stops then.
         KeyboardInterrupt: when the search is interrupted (Ctrl-C); the message says how to resume.
         ImportError: without Ray Tune (``pip install "lrfuse[search]"``).
         RuntimeError: when the finder, run for the range, makes no suggestion.
@@ -761,6 +815,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     trainer_kwargs.setdefault("devices", 1)
     # Ray first (it fails at once when missing, and starts while the finder runs).
     started = _ray.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard)
+    scratch = tempfile.mkdtemp(prefix="lrfuse-search-")  # the trials' temporary folders; removed below
     try:
         finder = None
         if saved is not None:  # the saved range: the trials' LRs are fixed already
@@ -776,7 +831,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         lrs = _initial_lrs(method, trials, min_lr, max_lr, seed)
         payload = _Payload(model=model, datamodule=datamodule, trainer_kwargs=trainer_kwargs, metric=metric, mode=mode,
                            seed=seed, threads=max(1, int(cpus_per_trial)), eval_every=eval_every, max_steps=budget,
-                           health_every=max(1, budget // 30), audit=audit)
+                           health_every=max(1, budget // 30), audit=audit, scratch=scratch)
         results, path = _run_tune(method, lrs, min_lr, max_lr, payload, cpus_per_trial, gpus_per_trial, max_concurrent,
                                   storage_path, name, max_failures, grace_period, reduction_factor,
                                   perturbation_interval, reports, verbose, seed, resume)
@@ -785,12 +840,16 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
             import ray
 
             ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
     records = _records(results, metric, mode, budget, method)
     best = _pick(records, mode, budget)
+    # A factory's model exists only in the trials: they report its LR argument's name.
+    lr_attr = _lr_attr(model) if isinstance(model, pl.LightningModule) else next(
+        (r.metrics["lr_attr"] for r in results if r.metrics and r.metrics.get("lr_attr")), "lr")
     return LRSearchResult(lr=None if best is None else best.lr, group_lrs=[] if best is None else best.group_lrs,
                           method=method, metric=metric, mode=mode, low=float(min_lr), high=float(max_lr), trials=records,
                           budget_steps=budget, finder=finder, path=path, seconds=time.perf_counter() - start,
-                          lr_attr=_lr_attr(model if isinstance(model, pl.LightningModule) else object()))
+                          lr_attr=lr_attr)
 
 
 def _storage(storage_path) -> str:
@@ -1083,7 +1142,7 @@ def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, stora
         scheduler = _pbt_scheduler(payload.metric, payload.mode, low, high, perturbation_interval * payload.eval_every,
                                    payload.max_steps, seed)
     run_config = tune.RunConfig(
-        name=name, storage_path=_storage(storage_path),
+        name=name, storage_path=_storage(storage_path), stop=_stop_on_error(),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         # PBT restores a trial from another's checkpoint, which must still be there: it keeps all.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if method == "pbt" else 2), verbose=verbose)
@@ -1094,8 +1153,30 @@ def _run_tune(method, lrs, low, high, payload, cpus, gpus, max_concurrent, stora
     return _fit(tuner, folder, name, storage_path, method, payload.max_steps)
 
 
+def _stop_on_error():
+    """A Tune stopper that ends the whole search at a trial's error report (``_ERROR``)."""
+    from ray.tune.stopper import Stopper
+
+    class _StopOnError(Stopper):
+        def __init__(self) -> None:
+            self.error: str | None = None
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            if result.get(_ERROR):
+                self.error = result[_ERROR]
+            return bool(result.get(_ERROR))
+
+        def stop_all(self) -> bool:
+            return self.error is not None
+
+    return _StopOnError()
+
+
 def _fit(tuner, folder: str, name: str, storage_path, method: str, budget: int) -> tuple[list, str]:
     grid = tuner.fit()
+    errors = [r.metrics[_ERROR] for r in grid if r.metrics and r.metrics.get(_ERROR)]
+    if errors:
+        raise ValueError(errors[0])
     # Ctrl-C makes Tune save the experiment, stop every trial and return as if done: a trial short of
     # the budget that neither failed, diverged nor lost the race says the search was interrupted.
     racing = None

@@ -7,12 +7,15 @@ One local Ray session (2 CPUs) is shared by the module; the two-node test runs l
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ from lrfuse.lightning.search import search_lr  # noqa: E402
 from lrfuse.schedules import make_schedule  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -79,11 +83,58 @@ class InterruptOnce(Callback):
             os.kill(self.pid, signal.SIGINT)
 
 
+class TrainOnly(pl.LightningModule):
+    """A model that trains but never validates (no validation_step), as the README's search example."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lr = lr
+        self.net = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return lrfuse.FusedAdam(self.parameters(), lr=self.lr)
+
+
 def _by_value():
     # Workers import lrfuse, but not this test module: ship its classes by value.
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_temp(tmp_path_factory):
+    """Ray's session folders (RAY_TMPDIR) and every other temporary file of this process and of
+    the Ray processes started from it (TMPDIR) under the test's tmp path, in two folders: the
+    second holds nothing else, so a test can count what a search left in the temp dir."""
+    base = tmp_path_factory.getbasetemp()
+    ray_tmp, own = base / "ray", None
+    # Ray's sockets live in <RAY_TMPDIR>/ray/session_<date>_<time>_<us>_<pid>/sockets/<name>, at most
+    # 107 bytes: with a long base path, a short folder of the system temp dir, removed afterwards.
+    if len(str(ray_tmp)) + 72 > 107:
+        ray_tmp = own = Path(tempfile.mkdtemp(prefix="lrfuse-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    temp = base / "tmp"
+    ray_tmp.mkdir(exist_ok=True)
+    temp.mkdir(exist_ok=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_TMPDIR", str(ray_tmp))
+    patch.setenv("TMPDIR", str(temp))
+    patch.setattr(tempfile, "tempdir", str(temp))
+    yield temp
+    patch.undo()
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _temp_entries() -> set[str]:
+    return set(os.listdir(tempfile.gettempdir()))
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +171,12 @@ def _ratios_kept(result):
 
 def test_grid_end_to_end_with_a_diverging_trial(tmp_path, ray_session):
     # Plain SGD with three layer-wise groups: 0.1 trains, 300 thrashes, 1e6 overflows to a NaN loss
-    # within three steps, which must stop that trial and be reported, not end the search.
-    result = _search(tmp_path, "grid", model=GroupedDigits(optimizer="sgd"), trials=3, min_lr=0.1, max_lr=1e6)
+    # within three steps, which must stop that trial and be reported, not end the search. The model
+    # comes from a factory, called in each trial; the search leaves nothing in the temp dir.
+    before = _temp_entries()
+    result = _search(tmp_path, "grid", model=functools.partial(GroupedDigits, optimizer="sgd"), trials=3,
+                     min_lr=0.1, max_lr=1e6)
+    assert _temp_entries() == before
     assert [t.lr for t in result.trials] == pytest.approx([0.1, math.sqrt(0.1 * 1e6), 1e6])
     _same_start(result)
     _ratios_kept(result)
@@ -132,7 +187,7 @@ def test_grid_end_to_end_with_a_diverging_trial(tmp_path, ray_session):
     assert high.stop.startswith("diverged") and high.steps < EVERY and math.isinf(high.value)
     assert high.verdict == "too_high" and "non-finite" in high.why
     assert result.lr == low.lr and result.group_lrs == low.group_lrs and low.value < mid.value
-    assert f"model:\n  lr: {result.lr}" in result.to_yaml()
+    assert result.lr_attr == "lr" and f"model:\n  lr: {result.lr}" in result.to_yaml()
     table = result.table()
     assert "| * | 0.1 |" in table and "diverged" in table
     result.plot(tmp_path / "grid.png")
@@ -213,9 +268,8 @@ def test_same_call_same_answer_with_a_core_busy(tmp_path, ray_session, method):
     kwargs = dict(SAME_ANSWER[method])
     optimizer = kwargs.pop("optimizer")
 
-    def search(folder):
-        pl.seed_everything(0, verbose=False)
-        return _search(folder, method, model=GroupedDigits(optimizer=optimizer), **kwargs)
+    def search(folder):  # a model factory: called in each trial after seeding
+        return _search(folder, method, model=functools.partial(GroupedDigits, optimizer=optimizer), **kwargs)
 
     quiet = search(tmp_path / "quiet")
     with _core_busy():
@@ -296,9 +350,11 @@ def test_an_interrupted_race_resumes_where_it_stopped(tmp_path, uninterrupted_gr
     # Ctrl-C (SIGINT to this process) while a trial is at step 7, between the rungs at 5 and 10.
     interrupt = InterruptOnce(str(tmp_path / "interrupted"), step=7, pid=os.getpid())
     kwargs = dict(name="interrupted", trainer_kwargs={"callbacks": [interrupt]})
+    before = _temp_entries()
     with pytest.raises(KeyboardInterrupt, match="resume=True"):
         _exact_search(tmp_path, "race", **kwargs)
     assert (tmp_path / "interrupted").exists()
+    assert _temp_entries() == before  # an interrupted search leaves nothing either
     with pytest.raises(ValueError, match="method='race'"):
         _exact_search(tmp_path, "grid", resume=True, **kwargs)
     race = _exact_search(tmp_path, "race", resume=True, **kwargs)
@@ -318,13 +374,28 @@ def test_resume_needs_a_saved_search(tmp_path, ray_session):
 
 def test_worker_death_is_retried_from_the_last_checkpoint(tmp_path, ray_session):
     marker = tmp_path / "died"
+    before = _temp_entries()
     result = _search(tmp_path, "grid", model=DigitsClassifier(), trials=1, max_failures=1,
                      trainer_kwargs={"callbacks": [DieOnce(str(marker), step=25)]})
     assert marker.exists()
+    assert _temp_entries() == before  # not even the dead worker's files
     (t,) = result.trials
     assert t.error is None and t.stop == "budget" and t.steps == STEPS
     assert t.starts == 2 and t.start_step == 20  # resumed from the step-20 checkpoint, not from scratch
     assert [h[0] for h in t.history][-2:] == [30, 40]
+
+
+def test_a_metric_never_logged_ends_the_search_at_the_first_report(tmp_path, ray_session):
+    before = _temp_entries()
+    # The README's example: a model without validation_step. Before: every trial trained to the end
+    # and the search returned lr=None with every value NaN, without a word.
+    with pytest.raises(ValueError, match=r"metric='val_loss'\): no validation ran at step 10 .*logged: train_loss\. "):
+        _search(tmp_path, "grid", model=TrainOnly(), trials=3)
+    # A name the model does not log (before: a KeyError in every trial, retried, then lr=None).
+    with pytest.raises(ValueError, match=r"metric='val_accuracy'\): the validation at step 10 logged no "
+                                         r"'val_accuracy'; the model logged: train_loss, val_acc, val_loss\."):
+        _search(tmp_path, "race", model=DigitsClassifier(), trials=3, metric="val_accuracy", mode="max")
+    assert _temp_entries() == before  # a search that failed leaves nothing either
 
 
 def test_local_ray_listens_on_loopback_only(ray_session):
