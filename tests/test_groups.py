@@ -6,6 +6,7 @@ from torch import nn
 
 import lrfuse
 from lrfuse.groups import discriminative_groups, layer_names, layerwise_groups
+from parity import FP32, assert_same
 
 
 class Net(nn.Module):
@@ -51,13 +52,27 @@ def test_no_decay_for_biases_and_norms():
 
 
 def test_groups_feed_fused_and_torch_optimizers():
+    """The same groups drive lrfuse's AdamW and torch's alike: after each step, every parameter and
+    every state tensor equals torch's for-loop AdamW on a copy of the model, each group at its LR."""
     model = Net()
+    copy_ = Net()
+    copy_.load_state_dict(model.state_dict())
     opt = lrfuse.FusedAdamW(layerwise_groups(model, lr=1e-2, decay=0.8))
-    ref = torch.optim.AdamW(layerwise_groups(model, lr=1e-2, decay=0.8))
+    ref = torch.optim.AdamW(layerwise_groups(copy_, lr=1e-2, decay=0.8), foreach=False)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
+    assert [g["name"] for g in opt.param_groups] == [g["name"] for g in ref.param_groups]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ref_params = [p for g in ref.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    torch.manual_seed(0)
+    for step in range(3):
+        for p, q in zip(params, ref_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, FP32, f"step {step}")
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every group stepped
     assert opt.param_groups[-1]["lr_scale"] == 1.0
 
 

@@ -102,9 +102,15 @@ def test_plot_to_file(tmp_path):
     pytest.importorskip("matplotlib")
     result = range_test(sigmoid_curve, 1e-6, 1.0, 60)
     path = tmp_path / "lr.png"
-    result.plot(str(path))
+    fig = result.plot(str(path))
     assert path.stat().st_size > 1000
-    suggest([], []).plot(str(tmp_path / "empty.png"))  # no suggestion: still a plot
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "loss (raw)" in labels and "plausible range" in labels
+    assert f"suggested {result.lr:.2g} ({result.method})" in labels
+    empty = tmp_path / "empty.png"
+    fig = suggest([], []).plot(str(empty))  # no suggestion: still a plot, whose title says why
+    assert empty.stat().st_size > 1000
+    assert "no LR suggestion" in fig.axes[0].get_title()
 
 
 @pytest.mark.parametrize("kwargs, match", [

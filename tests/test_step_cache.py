@@ -12,7 +12,7 @@ import torch
 import lrfuse
 from lrfuse import ops
 from lrfuse.optim._cache import Plan, StepCache
-from parity import clone_like, leaf, step_both
+from parity import FP32, assert_same, clone_like, leaf, step_both
 
 
 # StepCache on its own -------------------------------------------------------------------------
@@ -179,17 +179,28 @@ def test_param_group_added_mid_training():
 
 
 def test_amsgrad_switched_on_between_steps():
-    """A structural change of a group (new state appears) rebuilds the plan."""
+    """A structural change of a group (new state appears) rebuilds the plan, and the steps after it
+    are amsgrad's: ``max_exp_avg_sq`` starts at zero (torch's for-loop raises KeyError there instead,
+    see the README), so they equal torch's amsgrad steps from a zero max. Gradients far smaller than
+    before make the running average fall, so the max (which started at zero, not at the average)
+    sets the denominator."""
     params, ref, fused, oracle = pair()
-    step_both(params, ref, fused, oracle, "first")
-    fused.param_groups[0]["amsgrad"] = True
-    for p in params:
+    for i in range(2):
+        step_both(params, ref, fused, oracle, f"before {i}")
+    fused.param_groups[0]["amsgrad"] = oracle.param_groups[0]["amsgrad"] = True
+    for p, q in zip(params, ref):
         assert "max_exp_avg_sq" not in fused.state[p]
+        oracle.state[q]["max_exp_avg_sq"] = torch.zeros_like(q)
+    for i in range(4):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn_like(p) * 1e-3 * 0.1**i
+            q.grad = p.grad.clone()
+        fused.step()
+        oracle.step()
+        assert_same(fused, oracle, params, ref, FP32, f"amsgrad step {i}")
+    # The max is in use: above the running average now that the gradients shrink.
     for p in params:
-        p.grad = torch.randn_like(p)
-    fused.step()
-    for p in params:
-        assert fused.state[p]["max_exp_avg_sq"].shape == p.shape
+        assert bool((fused.state[p]["max_exp_avg_sq"] > fused.state[p]["exp_avg_sq"]).any())
 
 
 def test_parameter_swapped_in_place_in_its_group():
