@@ -246,8 +246,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print("lrfuse demo: scikit-learn digits (1,797 8x8 images), MLP 64-128-128-10, lrfuse.FusedAdam, CPU")
     print(f"1/3 LR range test ({demo.FINDER['num_steps']} steps, {demo.FINDER['min_lr']:g} .. "
-          f"{demo.FINDER['max_lr']:g}) ...", flush=True)
-    result, finder_steps = demo.find(seed=args.seed, plot_path=args.plot or None, progress=progress)
+          f"{demo.FINDER['max_lr']:g}), then a race of 4 LRs around its edge, a fifth of the run each ...", flush=True)
+    result, finder_steps = demo.find(seed=args.seed, epochs=args.epochs, plot_path=args.plot or None, progress=progress)
     print(f"    {result.summary()}" + (f"; plot: {args.plot}" if args.plot else ""), flush=True)
     if result.lr is None:
         return 1

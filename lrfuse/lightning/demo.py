@@ -133,6 +133,15 @@ EPOCHS = 20
 WARMUP_STEPS = 20
 
 
+def _schedule(dm: DigitsDataModule, epochs: int, batch_size: int):
+    """The demo's schedule: ``WARMUP_STEPS`` of warm-up (at most a quarter of the run), then cosine to 0."""
+    from lrfuse.lightning.schedule import LRSchedule
+
+    dm.setup("fit")
+    total = epochs * (len(dm.train_set) // batch_size)
+    return LRSchedule("cosine", warmup_steps=min(WARMUP_STEPS, total // 4))  # short runs still get a cosine phase
+
+
 def train(lr: float, epochs: int = EPOCHS, seed: int = 0, batch_size: int = 64, hidden: int = 128,
           progress: bool = False) -> RunResult:
     """Train the demo classifier with the demo's recipe: FusedAdam at ``lr``, ``WARMUP_STEPS`` of
@@ -140,16 +149,11 @@ def train(lr: float, epochs: int = EPOCHS, seed: int = 0, batch_size: int = 64, 
     ``epochs`` epochs; validate.
 
     Deterministic for a given ``seed`` (CPU)."""
-    from lrfuse.lightning.schedule import LRSchedule
-
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=batch_size, seed=seed)
-    dm.setup("fit")
-    total = epochs * (len(dm.train_set) // batch_size)
-    warmup = min(WARMUP_STEPS, total // 4)  # short runs (e.g. --epochs 1) still get a cosine phase
     model = DigitsClassifier(hidden=hidden, lr=lr)
     trainer = pl.Trainer(**trainer_kwargs(max_epochs=epochs, enable_progress_bar=progress,
-                                          callbacks=[LRSchedule("cosine", warmup_steps=warmup)]))
+                                          callbacks=[_schedule(dm, epochs, batch_size)]))
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
@@ -162,19 +166,21 @@ FINDER = dict(min_lr=1e-5, max_lr=1.0, num_steps=100)
 
 
 def find(seed: int = 0, batch_size: int = 64, hidden: int = 128, plot_path: str | None = None,
-         progress: bool = False, **finder_kwargs):
-    """Run :func:`lrfuse.find_lr` on the demo classifier, seeded as :func:`train` is.
+         progress: bool = False, epochs: int = EPOCHS, **finder_kwargs):
+    """Run :func:`lrfuse.find_lr` on the demo classifier, seeded as :func:`train` is, in a trainer
+    set up as :func:`train`'s run of ``epochs`` (its length and schedule: the race follows them).
 
     Returns:
         ``(result, steps)``: the :class:`~lrfuse.lr_range.LRRangeResult` and the training steps the
-        sweep took (its cost).
+        sweep and the race took (their cost).
     """
     from lrfuse.lightning.finder import find_lr
 
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=batch_size, seed=seed)
     model = DigitsClassifier(hidden=hidden)
-    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1))
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=epochs, callbacks=[_schedule(dm, epochs, batch_size)]))
     kwargs = {**FINDER, **finder_kwargs}
     result = find_lr(trainer, model, datamodule=dm, plot_path=plot_path, verbose=progress, **kwargs)
-    return result, len(result.lrs)
+    race = len(result.race["lrs"]) * result.race["steps"] if result.race else 0
+    return result, len(result.lrs) + race
