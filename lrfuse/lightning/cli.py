@@ -129,7 +129,10 @@ def _find(argv: list[str]) -> int:
     parser.add_argument("--min-lr", type=float, default=FINDER["min_lr"])
     parser.add_argument("--max-lr", type=float, default=FINDER["max_lr"])
     parser.add_argument("--num-steps", type=int, default=FINDER["num_steps"])
-    parser.add_argument("--method", default="auto", choices=["auto", "steepest", "valley", "min10"])
+    parser.add_argument("--method", default="auto", choices=["auto", "steepest", "valley", "min10"],
+                        help="the curve's method (what --no-race suggests)")
+    parser.add_argument("--no-race", action="store_true",
+                        help="the curve's suggestion alone, without the race (a fifth of the run per candidate)")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything, unless --seed_everything is given")
     parser.add_argument("--plot", default="lr_finder.png", help="where to write the plot ('' for none)")
     parser.add_argument("--no-progress", action="store_true")
@@ -138,7 +141,7 @@ def _find(argv: list[str]) -> int:
     cli = _quiet_cli(rest)
     result = find_lr(cli.trainer, cli.model, datamodule=cli.datamodule, min_lr=args.min_lr, max_lr=args.max_lr,
                      num_steps=args.num_steps, method=args.method, plot_path=args.plot or None,
-                     verbose=not args.no_progress)
+                     verbose=not args.no_progress, race=not args.no_race)
     stopped = f", stopped: {result.stopped}" if result.stopped else ""
     print(result.summary() + f"  [{len(result.lrs)} steps{stopped}]")
     if result.lr is not None:
