@@ -714,10 +714,11 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     """Search the learning rate on Ray Tune: ``"grid"``, ``"random"``, ``"race"`` or ``"pbt"``.
 
     Every trial trains ``model`` (a copy of it, or a fresh one from the factory) for ``max_steps``
-    at one LR, validates every ``eval_every`` steps and reports ``metric``. The search writes its
-    results under ``storage_path`` / ``name`` and nothing else: the trials' temporary files live in
-    one folder of the temp dir that is removed when the search ends, also by an error or Ctrl-C. The LR is the peak of
-    the model's own optimizer groups, all scaled together (ratios kept, as the finder does). Ray
+    at one LR, validates every ``eval_every`` steps and reports ``metric``. The LR is the peak of
+    the model's own optimizer groups, all scaled together (ratios kept, as the finder does). The
+    search writes its results under ``storage_path`` / ``name`` and nothing else: the trials'
+    temporary files live in one folder of the temp dir, removed when the search ends, also after
+    an error or Ctrl-C. Ray
     starts locally on 127.0.0.1 (usage statistics off, no dashboard) unless ``address`` joins a
     cluster or Ray is already initialised in this process.
 
@@ -1059,7 +1060,7 @@ def _pbt_scheduler(metric: str, mode: str, low: float, high: float, interval: in
         return math.exp(rng.uniform(math.log(low), math.log(high)))
 
     class _Unfinished:
-        """The controller as PBT sees it: live trials are those not finished (failed ones included)."""
+        """The controller as PBT sees it: its live trials are the unfinished ones (Tune's include failed trials)."""
 
         def __init__(self, controller) -> None:
             self._controller = controller

@@ -423,7 +423,9 @@ def test_bad_arguments_are_named():
     cases = [(dict(method="bayes"), "unknown method 'bayes'"), (dict(trials=0), "trials must be"),
              (dict(min_lr=1e-2, max_lr=1e-3), "min_lr < max_lr"), (dict(min_lr=1e-3), "give both min_lr and max_lr"),
              (dict(max_steps=0), "max_steps"), (dict(mode="up"), "mode must be"),
-             (dict(cpus_per_trial=0), "cpus_per_trial"), (dict(max_failures=-1), "max_failures")]
+             (dict(cpus_per_trial=0), "cpus_per_trial"), (dict(max_failures=-1), "max_failures"),
+             (dict(method="pbt", trials=4, max_concurrent=2), "all 4 trials at the same step"),
+             (dict(max_concurrent=0), "max_concurrent must be >= 1")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             search_lr(model, dm, **kwargs)
