@@ -880,7 +880,10 @@ def _saved_search(storage_path, name: str | None, method: str) -> dict:
 
 
 def _run_finder(model, datamodule, trainer_kwargs: dict, seed: int, finder_kwargs: dict):
-    """The range test on a copy of the model (or a fresh one from the factory), seeded as the trials are."""
+    """The range test on a copy of the model (or a fresh one from the factory), seeded as the trials
+    are. Its curve gives the search's range; the finder's own race is left out (``race=False``
+    unless ``finder_kwargs`` says otherwise): the search's trials are the comparison."""
+    finder_kwargs = {"race": False, **finder_kwargs}
     pl.seed_everything(seed, verbose=False)
     probe = copy.deepcopy(model) if isinstance(model, pl.LightningModule) else model()
     kwargs = {k: v for k, v in trainer_kwargs.items() if k != "callbacks"}
