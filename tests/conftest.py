@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,30 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_temp_dir(tmp_path_factory):
+    """Every temporary file of the run goes under pytest's tmp path, not the system temp dir: this
+    process's and its subprocesses' (TMPDIR), Ray's session folders (RAY_TMPDIR) and inductor's
+    cache, so a test run leaves nothing behind there but pytest's own folder."""
+    base = tmp_path_factory.getbasetemp()
+    temp, ray, own = base / "tmp", base / "ray", None
+    # Ray's socket paths (<RAY_TMPDIR>/ray/session_<date>_<time>_<us>_<pid>/sockets/<name>) must fit
+    # in 107 bytes: under a long base path, a short folder of the system temp dir, removed at the end.
+    if len(str(ray)) + 72 > 107:
+        ray = own = Path(tempfile.mkdtemp(prefix="lrfuse-ray-"))
+    temp.mkdir(exist_ok=True)
+    ray.mkdir(exist_ok=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(temp))
+    patch.setattr(tempfile, "tempdir", str(temp))
+    patch.setenv("RAY_TMPDIR", str(ray))
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(base / "inductor"))
+    yield
+    patch.undo()
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
