@@ -55,7 +55,8 @@ def _private_temp_dir(tmp_path_factory):
     patch.setenv("TMPDIR", str(temp))
     patch.setattr(tempfile, "tempdir", str(temp))
     patch.setenv("RAY_TMPDIR", str(ray))
-    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(base / "inductor"))
+    # Not undone: inductor looks its cache folder up again while the process exits.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "inductor")
     yield
     patch.undo()
     if own is not None:
