@@ -121,8 +121,8 @@ class HealthRules:
 
     def _fallen(self, share: float) -> bool:
         """The recent loss is below ``(1 - share)`` times the first (in its sign's sense)."""
-        mean = self._recent_loss()
-        return self._first is not None and math.isfinite(mean) and mean < self._first - share * abs(self._first)
+        recent = self._recent_loss()
+        return self._first is not None and math.isfinite(recent) and recent < self._first - share * abs(self._first)
 
     def verdict(self, ratios: Sequence[float]) -> tuple[str, str]:
         """``(status, why)`` of a group from its update ratios (oldest first, as many as kept) and

@@ -143,14 +143,18 @@ class Snapshot:
         set_rng_state(self.rng)
 
 
-def _train_loaders(trainer: pl.Trainer) -> list[torch.utils.data.DataLoader]:
-    """The DataLoaders behind ``trainer.train_dataloader`` (one, or those a CombinedLoader holds)."""
-    iterables = trainer.train_dataloader
+def _flat(iterables: Any) -> list:
+    """The iterables of a trainer's loaders: one, a list of them, or those a CombinedLoader holds."""
+    if iterables is None:
+        return []
     if isinstance(iterables, CombinedLoader):
-        iterables = iterables.flattened
-    elif not isinstance(iterables, (list, tuple)):
-        iterables = [iterables]
-    return [it for it in iterables if isinstance(it, torch.utils.data.DataLoader)]
+        return list(iterables.flattened)
+    return list(iterables) if isinstance(iterables, (list, tuple)) else [iterables]
+
+
+def _train_loaders(trainer: pl.Trainer) -> list[torch.utils.data.DataLoader]:
+    """The DataLoaders behind ``trainer.train_dataloader``."""
+    return [it for it in _flat(trainer.train_dataloader) if isinstance(it, torch.utils.data.DataLoader)]
 
 
 def _generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
@@ -201,10 +205,9 @@ class _Driver:
     """
 
     def __init__(self, trainer: pl.Trainer, model: pl.LightningModule, optimizer: torch.optim.Optimizer,
-                 val_loaders: list) -> None:
+                 base: list[float], val_loaders: list) -> None:
         self.trainer, self.model, self.optimizer, self.val_loaders = trainer, model, optimizer, val_loaders
-        self.base = [float(g["lr"]) for g in optimizer.param_groups]
-        self.reference = max(self.base)
+        self.base, self.reference = base, max(base)
         self.batches = _batches(trainer)
 
     def step(self, lr: float) -> float:
@@ -253,16 +256,8 @@ class _Driver:
 
 def _val_loaders(trainer: pl.Trainer) -> list:
     """The validation loaders fit will use (set up now, as fit would), or ``[]`` without any."""
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    loop.setup_data()
-    iterables = trainer.val_dataloaders
-    if iterables is None:
-        return []
-    if isinstance(iterables, CombinedLoader):
-        iterables = iterables.flattened
-    elif not isinstance(iterables, (list, tuple)):
-        iterables = [iterables]
-    return list(iterables)
+    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+    return _flat(trainer.val_dataloaders)
 
 
 @contextmanager
@@ -299,7 +294,7 @@ def _isolated(trainer: pl.Trainer, model: pl.LightningModule, optimizer_idx: int
         model.log = lambda *args, **kwargs: None  # the finder's metrics must not reach the trainer
         model.log_dict = lambda *args, **kwargs: None
         model.train()
-        driver = _Driver(trainer, model, optimizer, val_loaders)
+        driver = _Driver(trainer, model, optimizer, base, val_loaders)
 
         def rewind() -> None:
             snapshot.restore(detach=True)

@@ -90,12 +90,6 @@ def run_schedule(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int 
     return RunSchedule(name, fn, int(length))
 
 
-def schedule_mean(trainer: pl.Trainer, schedule: ScheduleArg, optimizer_idx: int = 0) -> tuple[float, str]:
-    """The mean LR factor (over its peak) of :func:`run_schedule`'s schedule, and its name."""
-    run = run_schedule(trainer, schedule, optimizer_idx)
-    return run.mean(), run.name
-
-
 def _known_length(length) -> bool:
     return length is not None and math.isfinite(length) and length >= 1
 
