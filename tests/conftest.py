@@ -14,6 +14,11 @@ from torch.utils import cpp_extension
 from lrfuse import ops
 from parity import ALGORITHMS, needs_cuda
 
+# Importing Lightning makes inductor's cache folder (in the system temp dir unless told), and the
+# tests' conftests import it before any fixture runs; inductor looks the folder up again while the
+# process exits. So it is set here, once, in the project's own (git-ignored) pytest cache folder.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "inductor"))
+
 
 def pytest_sessionstart(session):
     """With ``LRFUSE_REQUIRE_NATIVE=1`` (set by .ci/run) the run fails here unless lrfuse's compiled
@@ -41,8 +46,8 @@ def _torch_threads_restored():
 @pytest.fixture(scope="session", autouse=True)
 def _private_temp_dir(tmp_path_factory):
     """Every temporary file of the run goes under pytest's tmp path, not the system temp dir: this
-    process's and its subprocesses' (TMPDIR), Ray's session folders (RAY_TMPDIR) and inductor's
-    cache, so a test run leaves nothing behind there but pytest's own folder."""
+    process's and its subprocesses' (TMPDIR) and Ray's session folders (RAY_TMPDIR); inductor's
+    cache is set at the top of this file. A test run leaves nothing there but pytest's own folder."""
     base = tmp_path_factory.getbasetemp()
     temp, ray, own = base / "tmp", base / "ray", None
     # Ray's socket paths (<RAY_TMPDIR>/ray/session_<date>_<time>_<us>_<pid>/sockets/<name>) must fit
@@ -55,8 +60,6 @@ def _private_temp_dir(tmp_path_factory):
     patch.setenv("TMPDIR", str(temp))
     patch.setattr(tempfile, "tempdir", str(temp))
     patch.setenv("RAY_TMPDIR", str(ray))
-    # Not undone: inductor looks its cache folder up again while the process exits.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "inductor")
     yield
     patch.undo()
     if own is not None:
