@@ -14,7 +14,6 @@ Done means (issue 3): accuracy within 1 point of the grid's best, at most a fift
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 import warnings
@@ -32,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from lrfuse.lightning import demo
 
+    from lrfuse.lightning.runtime import quiet_logs
+
     # After the import: importing Lightning sets its own loggers to INFO.
     warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
 
     grid = np.logspace(-5, 0, args.grid)
     ok = True

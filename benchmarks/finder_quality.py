@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import math
 import os
 import platform
@@ -77,9 +76,9 @@ def protocol_schedule(protocol: str, steps: int):
 def _trainer(root: str, **kwargs):
     import lightning.pytorch as pl
 
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                      default_root_dir=root, **kwargs)
+    from lrfuse.lightning.runtime import quiet_trainer
+
+    return pl.Trainer(**quiet_trainer(default_root_dir=root, **kwargs))
 
 
 def run_lrfuse(case: tasks.Case, protocol: str, finder: dict, root: str) -> tuple[dict, dict]:
@@ -286,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     # sets its loggers to INFO, and its lr_find always shows a progress bar
     tqdm = lightning_lr_finder.tqdm
     lightning_lr_finder.tqdm = functools.partial(tqdm, disable=True)
+    from lrfuse.lightning.runtime import quiet_logs
+
     warnings.filterwarnings("ignore")
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("lightning"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
 
     start = time.perf_counter()
     cases = []

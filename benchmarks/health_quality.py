@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import sys
@@ -97,13 +96,12 @@ def run_one(case: tasks.Case, lr_class: str, lr: float, steps: int, every: int, 
     import lightning.pytorch as pl
 
     from lrfuse import LRHealthMonitor
+    from lrfuse.lightning.runtime import quiet_trainer
 
     pl.seed_everything(case.seed, verbose=False)
     monitor, logger = LRHealthMonitor(every_n_steps=every, warn=False), _memory_logger()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, max_steps=steps, max_epochs=-1, default_root_dir=root,
-                         callbacks=[monitor])
+    trainer = pl.Trainer(**quiet_trainer(logger=logger, limit_val_batches=0, max_steps=steps, max_epochs=-1,
+                                         default_root_dir=root, callbacks=[monitor]))
     t0 = time.perf_counter()
     trainer.fit(case.module(lr, groups=True), train_dataloaders=case.loader())
     seconds = time.perf_counter() - t0
@@ -253,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    import lightning.pytorch  # noqa: F401  (then quiet its loggers: importing it sets them to INFO)
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("lightning"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    from lrfuse.lightning.runtime import quiet_logs  # (imports Lightning, which sets its loggers to INFO)
+
+    quiet_logs()
 
     start = time.perf_counter()
     runs, references = [], []

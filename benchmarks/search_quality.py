@@ -47,9 +47,9 @@ FALLBACK_LR = 1e-3  # the model's LR, kept when the finder makes no suggestion
 def _trainer(root: str, **kwargs):
     import lightning.pytorch as pl
 
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                      default_root_dir=root, **kwargs)
+    from lrfuse.lightning.runtime import quiet_trainer
+
+    return pl.Trainer(**quiet_trainer(default_root_dir=root, **kwargs))
 
 
 def lightning_pieces(case):
@@ -177,16 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     grid_points = args.grid or (2 if args.smoke else 8)
     trials = {"race": 2, "random": 2, "pbt": 2} if args.smoke else {"race": 8, "random": 4, "pbt": 4}
 
-    import logging
     import tempfile
 
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "ray", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-    from lrfuse.lightning import _ray
+    from lrfuse.lightning.runtime import quiet_logs
 
-    started = _ray.init(num_cpus=args.num_cpus)  # one Ray for every search
+    warnings.filterwarnings("ignore")
+    quiet_logs("ray")
+    torch.set_num_threads(1)
+    from lrfuse.lightning.search import cluster
+
+    started = cluster.init(num_cpus=args.num_cpus)  # one Ray for every search
     from ray import cloudpickle
 
     # The trial workers cannot import these scripts: their classes travel by value.

@@ -208,10 +208,10 @@ def _worker(cases: str, spec: str, rank: int, port: int, listen_fd: int, out_dir
     try:
         # Rank 0 serves the store on the socket the test bound to 127.0.0.1 (inherited as listen_fd).
         store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0,
-                              timeout=datetime.timedelta(seconds=60),
+                              timeout=datetime.timedelta(seconds=300),
                               **({"master_listen_fd": listen_fd} if rank == 0 else {}))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=30))
+                                timeout=datetime.timedelta(seconds=300))
         mesh = init_device_mesh("cpu", (WORLD,))
         for case in cases.split(","):
             result: dict = {}
@@ -247,7 +247,7 @@ def _spec(name: str) -> dict:
             "kwargs": a.low_precision, "lrs": [LR[name] / 10, LR[name]]}
 
 
-def _spawn(name: str, out_dir: Path, timeout: float = 150.0) -> list[dict]:
+def _spawn(name: str, out_dir: Path, timeout: float = 600.0) -> list[dict]:
     """Both ranks run every case for one algorithm (one start-up for the three tests)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,31 +29,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 
 from lrfuse.groups import set_group_lr
+from lrfuse.lightning.runtime import loader_generators, rng_state, set_rng_state
 from lrfuse.lr_range import LRRangeResult, range_test
 
-__all__ = ["Snapshot", "race", "rng_state", "set_rng_state", "sweep"]
+__all__ = ["Snapshot", "race", "sweep"]
 
 
 def _clone(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
     return copy.deepcopy(value)
-
-
-def rng_state() -> dict:
-    """The global RNGs' states: Python's, numpy's, torch's (and CUDA's where initialized)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -99,7 +82,7 @@ class Snapshot:
             # is that one: set it aside, so that the sweep iterates one of its own.
             snap.iterators.append((loader, loader._iterator))
             loader._iterator = None
-            for gen in _generators(loader):
+            for gen in loader_generators(loader):
                 snap.generators.append((gen, gen.get_state()))
         snap.rng = rng_state()
         return snap
@@ -155,16 +138,6 @@ def _flat(iterables: Any) -> list:
 def _train_loaders(trainer: pl.Trainer) -> list[torch.utils.data.DataLoader]:
     """The DataLoaders behind ``trainer.train_dataloader``."""
     return [it for it in _flat(trainer.train_dataloader) if isinstance(it, torch.utils.data.DataLoader)]
-
-
-def _generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
-    """The generators a loader draws from besides the global RNG: its own and its samplers'."""
-    found = []
-    for owner in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
 
 
 def _batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int]]:

@@ -24,7 +24,7 @@ import argparse
 import sys
 import time
 
-__all__ = ["build_cli", "main"]
+__all__ = ["ModelFromConfig", "build_cli", "main"]
 
 USAGE = """usage: lrfuse {fit,validate,test,find,search,demo,bench} [options]
 
@@ -79,8 +79,10 @@ def _lr_flag(cli) -> str | None:
     """The flag that sets the LR in ``lrfuse fit``: the optimizer's when given, else the model's."""
     if cli.config.get("optimizer") is not None:
         return "optimizer.lr"
+    from lrfuse.lightning.runtime import LR_ATTRS
+
     init_args = cli.config["model"].get("init_args") or {}
-    return next((f"model.{name}" for name in ("lr", "learning_rate") if name in init_args), None)
+    return next((f"model.{name}" for name in LR_ATTRS if name in init_args), None)
 
 
 def _train_with(cli, rest: list[str], lr: float) -> str:
@@ -108,15 +110,23 @@ def _quiet_cli(rest: list[str]):
                      trainer_defaults={"logger": False, "enable_checkpointing": False})
 
 
+class ModelFromConfig:
+    """A model factory for :func:`~lrfuse.search_lr`: the model ``lrfuse fit --config`` builds from
+    ``config`` (YAML text, seed included), built in each trial. The model's weights never travel
+    through Ray, and the trial's model is a new instance, built as ``lrfuse fit`` builds it."""
+
+    def __init__(self, config: str) -> None:
+        self.config = config
+
+    def __call__(self):
+        return _quiet_cli(["--config", self.config]).model
+
+
 def _quiet() -> None:
-    import logging
-    import warnings
+    from lrfuse.lightning.runtime import quiet_logs
 
     # torch.utils.benchmark (used for the step-time line) warns about CUDA on CPU-only machines.
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*treespec.*")
+    quiet_logs("torch.utils.cpp_extension")
 
 
 def _find(argv: list[str]) -> int:
@@ -153,7 +163,7 @@ def _find(argv: list[str]) -> int:
 
 
 def _search(argv: list[str]) -> int:
-    from lrfuse.lightning.search import METHODS, _FORCED, search_lr
+    from lrfuse.lightning.search import DECIDED_TRAINER_ARGS, METHODS, search_lr
 
     parser = argparse.ArgumentParser(
         prog="lrfuse search", allow_abbrev=False,
@@ -185,7 +195,7 @@ def _search(argv: list[str]) -> int:
     _quiet()
     cli = _quiet_cli(rest)
     trainer = {k: v for k, v in cli.config_init["trainer"].as_dict().items()
-               if v is not None and k not in _FORCED and k not in ("max_steps", "val_check_interval", "default_root_dir")}
+               if v is not None and k not in DECIDED_TRAINER_ARGS}
     # The trainer's own default callbacks (progress bar, summary, checkpointing) are the search's to decide.
     from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 
@@ -195,7 +205,8 @@ def _search(argv: list[str]) -> int:
         if trainer.get(key) == "auto":
             del trainer[key]  # search_lr picks from the per-trial resources
     max_steps = args.max_steps or (cli.trainer.max_steps if cli.trainer.max_steps > 0 else 300)
-    result = search_lr(cli.model, cli.datamodule, method=args.method, trials=args.trials, min_lr=args.min_lr,
+    model = ModelFromConfig(cli.parser.dump(cli.config, skip_none=True))
+    result = search_lr(model, cli.datamodule, method=args.method, trials=args.trials, min_lr=args.min_lr,
                        max_lr=args.max_lr, max_steps=max_steps, eval_every=args.eval_every, metric=args.metric,
                        mode=args.mode, trainer_kwargs=trainer, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, address=args.address, num_cpus=args.num_cpus,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lrfuse
+from lrfuse.lightning.runtime import quiet_trainer
 
 __all__ = ["DigitsClassifier", "DigitsDataModule", "RunResult", "train", "trainer_kwargs"]
 
@@ -111,10 +112,7 @@ class DigitsClassifier(pl.LightningModule):
 
 def trainer_kwargs(**overrides) -> dict:
     """Quiet CPU trainer settings for the demo, tests and benchmarks."""
-    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                  enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    kwargs.update(overrides)
-    return kwargs
+    return quiet_trainer(**overrides)
 
 
 @dataclass

@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException
 from typing_extensions import override
 
 from lrfuse.groups import peak_lr, set_group_lr
-from lrfuse.lightning._sweep import race, rng_state, set_rng_state, sweep
+from lrfuse.lightning._sweep import race, sweep
+from lrfuse.lightning.runtime import LR_ATTRS, rng_state, set_rng_state
 from lrfuse.lightning.schedule import LRSchedule
 from lrfuse.lr_range import RACE_SHARE, LRRangeResult, check_args, race_candidates
 from lrfuse.schedules import compress, mean_factor
@@ -31,7 +32,6 @@ ScheduleArg = Union[Literal["auto"], None, LRSchedule, Callable[[int], float]]
 
 __all__ = ["LRFinder", "apply_lr", "find_lr"]
 
-_LR_ATTRS = ("lr", "learning_rate")
 # Where torch's schedulers keep LRs that a schedule is computed from: per group (initial_lr; and
 # OneCycleLR's max_lr / min_lr) and per scheduler (base_lrs, the last LRs; CyclicLR's max_lrs).
 _GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
@@ -189,7 +189,7 @@ def apply_lr(trainer: pl.Trainer | None, model: pl.LightningModule, lr: float, r
                         setattr(scheduler, name, [float(v) * ratio for v in values])
         n = len(optimizer.param_groups)
         places.append(f"optimizer {optimizer_idx} ({n} group{'s' if n != 1 else ''})")
-    names = [attr_name] if attr_name else list(_LR_ATTRS)
+    names = [attr_name] if attr_name else list(LR_ATTRS)
     for name in names:
         if name in vars(model) or isinstance(getattr(type(model), name, None), property):
             setattr(model, name, lr)

@@ -27,7 +27,7 @@ if importlib.util.find_spec("ray") is None:  # not imported here: lrfuse must se
 
 import lrfuse  # noqa: E402
 from lrfuse.groups import layerwise_groups  # noqa: E402
-from lrfuse.lightning import _ray  # noqa: E402
+from lrfuse.lightning.search import cluster  # noqa: E402
 from lrfuse.lightning.demo import DigitsClassifier, DigitsDataModule  # noqa: E402
 from lrfuse.lightning.schedule import LRSchedule  # noqa: E402
 from lrfuse.lightning.search import search_lr  # noqa: E402
@@ -60,6 +60,16 @@ class GroupedDigits(DigitsClassifier):
         return lrfuse.FusedAdam(groups)
 
 
+def _first(marker: str) -> bool:
+    """Whether this call is the first of any process to claim ``marker`` (created atomically: two
+    trials at the same step at once must not both act)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
 class DieOnce(Callback):
     """Kills the trial's worker process at ``step`` the first time any trial gets there."""
 
@@ -67,8 +77,7 @@ class DieOnce(Callback):
         self.marker, self.step = marker, step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and not os.path.exists(self.marker):
-            Path(self.marker).touch()
+        if trainer.global_step == self.step and _first(self.marker):
             os._exit(1)  # a dead worker, not an exception: Tune must retry from the checkpoint
 
 
@@ -81,8 +90,7 @@ class InterruptOnce(Callback):
         self.marker, self.step, self.pid = marker, step, pid
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and not os.path.exists(self.marker):
-            Path(self.marker).touch()
+        if trainer.global_step == self.step and _first(self.marker):
             os.kill(self.pid, signal.SIGINT)
             deadline = time.monotonic() + 600  # a safety net only: Tune stops this trial long before
             while time.monotonic() < deadline:
@@ -146,7 +154,7 @@ def _temp_entries() -> set[str]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    started = _ray.init(num_cpus=2)
+    started = cluster.init(num_cpus=2)
     _by_value()
     yield
     if started:
@@ -203,9 +211,10 @@ def test_grid_end_to_end_with_a_diverging_trial(tmp_path, ray_session):
 
 
 def test_random_over_the_finders_range(tmp_path, ray_session):
-    result = _search(tmp_path, "random", model=DigitsClassifier(), trials=3, seed=3, min_lr=None, max_lr=None,
+    # The model's class as the factory: the finder and every trial call it (after seeding).
+    result = _search(tmp_path, "random", model=DigitsClassifier, trials=3, seed=3, min_lr=None, max_lr=None,
                      finder_kwargs={"min_lr": 1e-5, "max_lr": 1.0, "num_steps": 40})
-    from lrfuse.lightning.search import _initial_lrs
+    from lrfuse.lightning.search.api import _initial_lrs
 
     assert result.finder is not None and result.finder.lr is not None
     assert (result.low, result.high) == (result.finder.low, result.finder.high)
@@ -213,7 +222,7 @@ def test_random_over_the_finders_range(tmp_path, ray_session):
     assert [t.lr for t in result.trials] == pytest.approx(sorted(expected))
     assert all(result.low <= t.lr <= result.high and t.steps == STEPS for t in result.trials)
     _same_start(result)
-    assert result.lr is not None and result.group_lrs == [result.lr]
+    assert result.lr is not None and result.group_lrs == [result.lr] and result.lr_attr == "lr"
 
 
 def test_pbt_exploits_and_perturbs_through_an_lr_schedule(tmp_path, ray_session):
@@ -221,7 +230,7 @@ def test_pbt_exploits_and_perturbs_through_an_lr_schedule(tmp_path, ray_session)
     # must run the schedule from its own LR, not from the base LRs saved in the donor's checkpoint.
     result = _search(tmp_path, "pbt", trials=4, min_lr=1e-5, max_lr=1e-1, perturbation_interval=1,
                      trainer_kwargs={"callbacks": [LRSchedule("cosine")]})
-    from lrfuse.lightning.search import _initial_lrs
+    from lrfuse.lightning.search.api import _initial_lrs
 
     initial = _initial_lrs("pbt", 4, 1e-5, 1e-1, 0)
     assert all(t.steps == STEPS and t.error is None for t in result.trials), result.table()
@@ -283,7 +292,7 @@ def test_same_call_same_answer_with_a_core_busy(tmp_path, ray_session, method):
         busy = search(tmp_path / "busy")
     assert _answer(busy) == _answer(quiet), f"quiet:\n{quiet.table()}\nbusy:\n{busy.table()}"
     if method == "pbt":
-        from lrfuse.lightning.search import _initial_lrs
+        from lrfuse.lightning.search.api import _initial_lrs
 
         initial = _initial_lrs("pbt", 3, 0.1, 1e6, 1)
         assert [t.stop for t in quiet.trials].count("diverged (step 3)") == 1, quiet.table()
@@ -425,7 +434,8 @@ def test_bad_arguments_are_named():
              (dict(max_steps=0), "max_steps"), (dict(mode="up"), "mode must be"),
              (dict(cpus_per_trial=0), "cpus_per_trial"), (dict(max_failures=-1), "max_failures"),
              (dict(method="pbt", trials=4, max_concurrent=2), "all 4 trials at the same step"),
-             (dict(max_concurrent=0), "max_concurrent must be >= 1")]
+             (dict(max_concurrent=0), "max_concurrent must be >= 1"),
+             (dict(trainer_kwargs={"max_steps": 5, "logger": True}), "logger, max_steps are the search's to set")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             search_lr(model, dm, **kwargs)
@@ -445,9 +455,18 @@ def test_without_ray_the_error_says_what_to_install():
 
 
 def test_cli_search_with_a_yaml_config(tmp_path, ray_session, capsys, monkeypatch):
+    from lrfuse.lightning import cli as cli_module
     from lrfuse.lightning.cli import main
+    from lrfuse.lightning.search.exact import checksum
 
     monkeypatch.setattr(sys, "argv", ["lrfuse"])
+    searches = []
+
+    def recorded(model, *args, **kwargs):  # the real search, and what the CLI passed to it
+        searches.append((model, search_lr(model, *args, **kwargs)))
+        return searches[-1][1]
+
+    monkeypatch.setattr("lrfuse.lightning.search.search_lr", recorded)  # the CLI imports it when it runs
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  hidden: 32\ndata:\n  batch_size: 32\ntrainer:\n  accelerator: cpu\n")
     plot, out_yaml = tmp_path / "search.png", tmp_path / "best.yaml"
@@ -467,6 +486,11 @@ def test_cli_search_with_a_yaml_config(tmp_path, ray_session, capsys, monkeypatc
 
     cli = build_cli(run=False, args=["--config", str(out_yaml)])
     assert cli.model.hparams.hidden == 32 and cli.model.lr == saved["model"]["init_args"]["lr"]
+    # Each trial built its own model from the config (a factory: no weights shipped through Ray),
+    # the same model `lrfuse fit --config` builds, weights included.
+    ((factory, result),) = searches
+    assert isinstance(factory, cli_module.ModelFromConfig)
+    assert {t.init_checksum for t in result.trials} == {checksum(list(cli.model.parameters()))}
 
 
 def test_two_nodes_on_one_machine(tmp_path):
@@ -474,18 +498,18 @@ def test_two_nodes_on_one_machine(tmp_path):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the module's session, if any: this test brings its own cluster
-    cluster = Cluster()
+    two = Cluster()
     try:
         # Not Ray's default 30 s wait for each node (a loaded machine can take longer to start two):
         # the nodes are started, then waited for as long as they take (600 s: a safety net only).
-        cluster.add_node(num_cpus=1, wait=False)
-        cluster.add_node(num_cpus=1, wait=False)
-        cluster.wait_for_nodes(timeout=600)
-        ray.init(address=cluster.address)
+        two.add_node(num_cpus=1, wait=False)
+        two.add_node(num_cpus=1, wait=False)
+        two.wait_for_nodes(timeout=600)
+        ray.init(address=two.address)
         _by_value()
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
-        result = _search(tmp_path, "grid", model=DigitsClassifier(), trials=2, max_concurrent=2, address=cluster.address)
+        result = _search(tmp_path, "grid", model=DigitsClassifier(), trials=2, max_concurrent=2, address=two.address)
         # Each trial ran on a node of this cluster. Ray does not promise to spread them: when the
         # first trial ends before the second is placed, both may run on one node (seen in CI).
         assert {t.node_id for t in result.trials} <= nodes and all(t.node_id for t in result.trials)
@@ -493,7 +517,7 @@ def test_two_nodes_on_one_machine(tmp_path):
         assert all(t.steps == STEPS for t in result.trials)
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        two.shutdown()
 
 
 def _processes_of_this_ray() -> dict[int, str]:
