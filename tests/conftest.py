@@ -17,7 +17,17 @@ from parity import ALGORITHMS, needs_cuda
 # Importing Lightning makes inductor's cache folder (in the system temp dir unless told), and the
 # tests' conftests import it before any fixture runs; inductor looks the folder up again while the
 # process exits. So it is set here, once, in the project's own (git-ignored) pytest cache folder.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "inductor"))
+_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """pytest's own tmp path in the project's pytest cache folder (unless ``--basetemp`` is given),
+    not ``pytest-of-<user>`` in the system temp dir: a test run leaves nothing there. Before
+    pytest's tmp-path plugin reads the option."""
+    if config.option.basetemp is None:
+        config.option.basetemp = str(_CACHE / "tmp")
 
 
 def pytest_sessionstart(session):
@@ -47,7 +57,7 @@ def _torch_threads_restored():
 def _private_temp_dir(tmp_path_factory):
     """Every temporary file of the run goes under pytest's tmp path, not the system temp dir: this
     process's and its subprocesses' (TMPDIR) and Ray's session folders (RAY_TMPDIR); inductor's
-    cache is set at the top of this file. A test run leaves nothing there but pytest's own folder."""
+    cache is set at the top of this file, pytest's own tmp path in :func:`pytest_configure`."""
     base = tmp_path_factory.getbasetemp()
     temp, ray, own = base / "tmp", base / "ray", None
     # Ray's socket paths (<RAY_TMPDIR>/ray/session_<date>_<time>_<us>_<pid>/sockets/<name>) must fit
