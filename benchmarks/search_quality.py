@@ -186,16 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from lrfuse.lightning.search import cluster
 
-    started = cluster.init(num_cpus=args.num_cpus)  # one Ray for every search
-    from ray import cloudpickle
-
-    # The trial workers cannot import these scripts: their classes travel by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cloudpickle.register_pickle_by_value(tasks)
     start = time.perf_counter()
     results = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        # One Ray for every search, its session folders (logs, sockets) in tmp: removed with it.
+        started = cluster.init(num_cpus=args.num_cpus, session_dir=cluster.session_dir_in(tmp))
+        try:
+            from ray import cloudpickle
+
+            # The trial workers cannot import these scripts: their classes travel by value.
+            cloudpickle.register_pickle_by_value(sys.modules[__name__])
+            cloudpickle.register_pickle_by_value(tasks)
             for name in datasets:
                 for seed in args.seeds:
                     # The smoke run checks the plumbing: fewer reports (each one validates and
@@ -206,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name} seed {seed}: grid best {r['grid_best']['lr']:.2g} -> {r['grid_best']['value']:.2f}; "
                           + ", ".join(f"{m} {e['value']:.2f} ({e['steps']} steps)" for m, e in r["methods"].items()),
                           flush=True)
-    finally:
-        if started:
-            import ray
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     total = time.perf_counter() - start
     text = table(results)
     print()

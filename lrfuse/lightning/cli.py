@@ -26,7 +26,7 @@ import time
 
 __all__ = ["ModelFromConfig", "build_cli", "main"]
 
-USAGE = """usage: lrfuse {fit,validate,test,find,search,demo,bench} [options]
+USAGE = """usage: lrfuse {fit,validate,test,find,search,demo,bench} [options] | lrfuse --version
 
   fit|validate|test  LightningCLI with the digits demo as default model and data
                      (lrfuse fit --help lists every flag; --model my_pkg.MyModule for your own)
@@ -287,12 +287,26 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """lrfuse's version, the torch it runs with, and which kernels serve the CPU and CUDA."""
+    import torch
+
+    import lrfuse
+    from lrfuse import ops
+
+    return (f"lrfuse {lrfuse.__version__} (torch {torch.__version__}; kernels: cpu {ops.backend('cpu')} "
+            f"[{ops.cpu_isa()}], cuda {ops.backend('cuda')})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lrfuse`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = argv[0], argv[1:]
     if command in ("fit", "validate", "test"):
         build_cli(args=argv)

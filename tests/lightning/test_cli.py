@@ -121,3 +121,15 @@ def test_import_lrfuse_does_not_import_lightning():
             "lrfuse.layerwise_groups; assert 'lightning' not in sys.modules;"
             "assert lrfuse.LRFinder.__name__ == 'LRFinder' and 'lightning' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version_names_lrfuse_torch_and_the_kernels(capsys):
+    from importlib.metadata import version
+
+    from lrfuse import ops
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    # One version, written once (lrfuse.__version__, which the package metadata reads).
+    assert out.startswith(f"lrfuse {lrfuse.__version__} (torch {torch.__version__};") and version("lrfuse") == lrfuse.__version__
+    assert f"cpu {ops.backend('cpu')}" in out and f"cuda {ops.backend('cuda')}" in out

@@ -569,3 +569,23 @@ def _listening_sockets_of_ray() -> list[tuple[str, int, int]]:
         except (PermissionError, FileNotFoundError, ProcessLookupError):
             continue
     return found
+
+
+def test_a_search_that_starts_ray_keeps_rays_folders_in_its_own(tmp_path, monkeypatch):
+    # Last in this module: it ends the module's Ray session. Ray would put its session folders (logs,
+    # sockets) in <TMPDIR>/ray and leave them there; the search keeps them in its scratch folder,
+    # removed at the end. A short temp dir: Ray's socket paths must fit in 107 bytes.
+    import ray
+
+    ray.shutdown()
+    short = tempfile.mkdtemp(dir="/tmp")
+    try:
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+        monkeypatch.setenv("TMPDIR", short)
+        monkeypatch.setattr(tempfile, "tempdir", short)
+        result = _search(tmp_path, "grid", model=DigitsClassifier(), trials=1, max_steps=EVERY, num_cpus=1)
+        assert not ray.is_initialized()  # the search started Ray, and shut it down
+        assert result.trials[0].steps == EVERY and result.lr is not None
+        assert os.listdir(short) == []
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

@@ -39,10 +39,10 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     at one LR, validates every ``eval_every`` steps and reports ``metric``. The LR is the peak of
     the model's own optimizer groups, all scaled together (ratios kept, as the finder does). The
     search writes its results under ``storage_path`` / ``name`` and nothing else: the trials'
-    temporary files live in one folder of the temp dir, removed when the search ends, also after
-    an error or Ctrl-C. Ray
-    starts locally on 127.0.0.1 (usage statistics off, no dashboard) unless ``address`` joins a
-    cluster or Ray is already initialised in this process.
+    temporary files, and the session folders (logs, sockets) of a Ray it starts, live in one folder
+    of the temp dir, removed when the search ends, also after an error or Ctrl-C. Ray starts
+    locally on 127.0.0.1 (usage statistics off, no dashboard) unless ``address`` joins a cluster
+    or Ray is already initialised in this process.
 
     Args:
         model: a LightningModule (every trial starts from its current weights) or a callable
@@ -143,10 +143,13 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
                          "bars of a trial's own: Tune keeps both); remove them from trainer_kwargs")
     trainer_kwargs.setdefault("accelerator", "gpu" if gpus_per_trial > 0 else "cpu")
     trainer_kwargs.setdefault("devices", 1)
-    # Ray first (it fails at once when missing, and starts while the finder runs).
-    started = cluster.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard)
-    scratch = tempfile.mkdtemp(prefix="lrfuse-search-")  # the trials' temporary folders; removed below
+    # The trials' temporary folders, and the session folders of a Ray started here: removed below.
+    scratch = tempfile.mkdtemp(prefix="lrfuse-")
+    started = False
     try:
+        # Ray first (it fails at once when missing, and starts while the finder runs).
+        started = cluster.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard,
+                               session_dir=cluster.session_dir_in(scratch))
         finder = None
         if saved is not None:  # the saved range: the trials' LRs are fixed already
             min_lr, max_lr = saved["low"], saved["high"]

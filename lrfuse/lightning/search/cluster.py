@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["import_ray", "init"]
+__all__ = ["import_ray", "init", "session_dir_in"]
 
 _LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -34,7 +34,7 @@ def import_ray():
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-         include_dashboard: bool = False, **kwargs) -> bool:
+         include_dashboard: bool = False, session_dir: str | None = None, **kwargs) -> bool:
     """Start a local Ray on this machine, or join the cluster at ``address`` (``"auto"``: the one
     this machine belongs to); do nothing when Ray is already initialised in this process.
 
@@ -42,6 +42,8 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
         address: ``None`` for a local Ray; else a cluster address as ``ray.init`` takes it.
         num_cpus, num_gpus: resources of a local Ray (default: what the machine has).
         include_dashboard: start Ray's dashboard (on 127.0.0.1).
+        session_dir: where a local Ray keeps its session folders (logs, sockets, spilled objects);
+            default: Ray's (``RAY_TMPDIR``, else ``/tmp/ray``), which outlive the session.
         kwargs: further ``ray.init`` arguments.
 
     Returns:
@@ -61,8 +63,20 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     kwargs.setdefault("log_to_driver", False)  # trials report through Tune; their logs stay in the session dir
     kwargs.setdefault("configure_logging", False)
     if address is None:
+        if session_dir is not None:
+            kwargs.setdefault("_temp_dir", session_dir)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)
     return True
+
+
+def session_dir_in(folder: str) -> str | None:
+    """The ``session_dir`` for :func:`init` that keeps a local Ray's session folders in ``folder``
+    (so they go when its owner removes it): ``folder/ray``; ``None`` (Ray's default) when
+    ``RAY_TMPDIR`` says where they go, or when the path is too long for Ray's sockets
+    (``.../session_<date>_<pid>/sockets/<name>`` must fit in 107 bytes)."""
+    folder = os.path.join(folder, "ray")
+    longest = len(folder) + len("/session_2026-12-02_13-28-42_276898_1234567/sockets/plasma_store")
+    return None if "RAY_TMPDIR" in os.environ or longest > 107 else folder
