@@ -14,7 +14,7 @@ from benchmark_scripts import load_benchmark
 pytest.importorskip("lightning")
 pytest.importorskip("sklearn")
 if importlib.util.find_spec("ray") is None:
-    pytest.skip('Ray Tune is not installed (pip install "lrfuse[search]")', allow_module_level=True)
+    pytest.skip('Ray Tune is not installed (pip install "ray[tune]>=2.60")', allow_module_level=True)
 
 
 def test_smoke_mode_reports_every_method(tmp_path, capsys):

@@ -33,7 +33,7 @@ USAGE = """usage: lrfuse {fit,validate,test,find,search,demo,bench} [options] | 
   find               LR range test on the model and data of fit's flags / --config:
                      suggestion, range, the flags to train with it, plot (lrfuse find --help)
   search             LR search on Ray Tune, --method grid|random|race|pbt, same flags as fit
-                     (needs pip install "lrfuse[search]"; lrfuse search --help)
+                     (needs pip install "ray[tune]>=2.60"; lrfuse search --help)
   demo               find the LR, train with it, report accuracy and optimizer step time
   bench              optimizer step benchmark against torch.optim (lrfuse bench --help)
 """

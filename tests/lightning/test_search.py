@@ -23,7 +23,7 @@ import pytest
 import torch
 
 if importlib.util.find_spec("ray") is None:  # not imported here: lrfuse must set Ray's environment first
-    pytest.skip('Ray Tune is not installed (pip install "lrfuse[search]")', allow_module_level=True)
+    pytest.skip('Ray Tune is not installed (pip install "ray[tune]>=2.60")', allow_module_level=True)
 
 import lrfuse  # noqa: E402
 from lrfuse.groups import layerwise_groups  # noqa: E402
@@ -449,7 +449,7 @@ def test_without_ray_the_error_says_what_to_install():
             "assert 'ray' not in sys.modules, 'importing lrfuse.search_lr imported ray'\n"
             "sys.modules['ray'] = None  # as if not installed\n"
             "try:\n    lrfuse.search_lr(d.DigitsClassifier(), d.DigitsDataModule(), min_lr=1e-3, max_lr=1e-2)\n"
-            "except ImportError as e:\n    assert 'pip install \"lrfuse[search]\"' in str(e), e\n"
+            "except ImportError as e:\n    assert 'pip install \"ray[tune]>=2.60\"' in str(e), e\n"
             "else:\n    raise SystemExit('no ImportError')\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

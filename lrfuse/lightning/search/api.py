@@ -91,7 +91,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
             at the first report, when ``metric`` is not there (no validation ran, or it logged other
             names: the message lists them); the search stops then.
         KeyboardInterrupt: when the search is interrupted (Ctrl-C); the message says how to resume.
-        ImportError: without Ray Tune (``pip install "lrfuse[search]"``).
+        ImportError: without Ray Tune (``pip install "ray[tune]>=2.60"``).
         RuntimeError: when the finder, run for the range, makes no suggestion.
     """
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Starting or joining Ray for LR search, so that nothing leaves the machine unless asked.
 
-Ray is an optional dependency (``pip install "lrfuse[search]"``), imported only through
-:func:`import_ray`. Before Ray is imported, :func:`init` switches off Ray's usage statistics
+Ray is an optional dependency (``pip install "ray[tune]>=2.60"``, what the ``search`` extra adds),
+imported only through :func:`import_ray`. Before Ray is imported, :func:`init` switches off Ray's usage statistics
 (``RAY_USAGE_STATS_ENABLED=0``: Ray would otherwise report to its maintainers). A local start
 (no ``address``) also sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray then takes the loopback
 address as the node's IP, and its services (GCS, raylet, workers, agents) listen on 127.0.0.1
@@ -28,7 +28,7 @@ def import_ray():
         import ray
         import ray.tune  # noqa: F401  (ray without the [tune] extra lacks its dependencies)
     except ImportError as error:
-        raise ImportError(f'LR search needs Ray Tune, which is not installed ({error}): pip install "lrfuse[search]"'
+        raise ImportError(f'LR search needs Ray Tune, which is not installed ({error}): pip install "ray[tune]>=2.60"'
                           ) from error
     return ray
 
