@@ -16,7 +16,9 @@ grid's best LR (decades), and the cost in training steps (the finder's included)
 start-up excluded; trials run two at a time on the 2-core VM, so wall time is not steps / speed).
 
     python benchmarks/search_quality.py            # digits and class20, 8-point grid, budget 300
+    python benchmarks/search_quality.py --datasets wine,class50,friedman2 --seeds 0 1 2   # the README's
     python benchmarks/search_quality.py --smoke    # CI: digits, tiny budget, 2 trials a method
+    python benchmarks/search_quality.py --render results/search_quality.json   # its tables again
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -156,6 +159,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> str:
+    """Per method over every dataset-seed: the gap to the grid's best (median, worst, how many within
+    1 point), the cost in full runs (median) and the trials' wall time (sum)."""
+    lines = ["| method | cases | median gap | worst gap | within 1 pt | cost, x full run (median) | trial wall s (sum) |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for m in METHODS:
+        entries = [(r["methods"][m], r["budget"]) for r in results]
+        gaps = [e["gap"] for e, _ in entries]
+        costs = [e["steps"] / budget for e, budget in entries]
+        lines.append(f"| {m} | {len(entries)} | {statistics.median(gaps):.2f} | {max(gaps):.2f} | "
+                     f"{sum(g <= 1 for g in gaps)}/{len(gaps)} | {statistics.median(costs):.1f} | "
+                     f"{sum(e['seconds'] for e, _ in entries):.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
@@ -168,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--storage", default=None, help="Tune's folder (default: a temporary one)")
     parser.add_argument("--json", default=str(HERE / "results" / "search_quality.json"))
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="print the tables of a saved run (e.g. results/search_quality.json) and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)["results"]
+        print(f"{summary(saved)}\n\n{table(saved)}")
+        return 0
     datasets = args.datasets.split(",") if args.datasets else (["digits"] if args.smoke else ["digits", "class20"])
     unknown = [d for d in datasets if d not in tasks.TASKS]
     if unknown:
@@ -214,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
     total = time.perf_counter() - start
     text = table(results)
-    print()
-    print(text)
+    print(f"\n{summary(results)}\n\n{text}")
     print(f"\n{len(results)} dataset-seeds in {total:.0f} s")
     import lightning
     import ray
@@ -229,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results, "table": text}, f, indent=1)
+            json.dump({"meta": meta, "results": results, "summary": summary(results), "table": text}, f, indent=1)
     return 0
 
 

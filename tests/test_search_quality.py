@@ -33,6 +33,10 @@ def test_smoke_mode_reports_every_method(tmp_path, capsys):
     assert r["methods"]["finder"]["steps"] == r["finder"]["steps"] + 20
     printed = capsys.readouterr().out
     assert "| digits (seed 0) | race |" in printed and "| digits (seed 0) | grid |" in printed
+    assert result["summary"] in printed and "| grid | 1 | 0.00 | 0.00 | 1/1 |" in result["summary"]
+    # --render prints the same tables from the saved JSON, without training
+    assert sq.main(["--render", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{result['summary']}\n\n{result['table']}"
 
 
 def test_unknown_dataset_is_rejected():
