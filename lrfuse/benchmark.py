@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import benchmark as tbench
 
-from lrfuse._threads import torch_threads
+from lrfuse.threads import torch_threads
 
 __all__ = ["BENCHED", "OPTIMIZERS", "WORKLOADS", "compare_step_time", "main", "measure_bandwidth", "run"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrfuse
-from lrfuse._threads import torch_threads
+from lrfuse.threads import torch_threads
 from parity import leaf
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrfuse._threads import torch_threads
+from lrfuse.threads import torch_threads
 from parity import ALGORITHMS, LR, clone_like, leaf, run_low_precision, run_parity, step_both
 
 CHUNK = 65536  # kChunkSize in csrc/cuda/launch_plan.h: bigger tensors span several blocks

@@ -247,7 +247,7 @@ def _demo(argv: list[str]) -> int:
                              "(a model this small runs fastest on one)")
     args = parser.parse_args(argv)
     _quiet()
-    from lrfuse._threads import torch_threads
+    from lrfuse.threads import torch_threads
 
     with torch_threads(args.threads):  # the caller's count comes back afterwards
         return _run_demo(args)

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lrfuse._threads import torch_threads
+from lrfuse.threads import torch_threads
 from lrfuse.lightning.finder import apply_lr
 from lrfuse.lightning.health import LRHealthMonitor, OK, TOO_HIGH, TOO_LOW
 from lrfuse.lightning.runtime import QUIET_TRAINER, lr_attr, quiet_logs
