@@ -70,6 +70,11 @@ def _private_temp_dir(tmp_path_factory):
     patch.setenv("TMPDIR", str(temp))
     patch.setattr(tempfile, "tempdir", str(temp))
     patch.setenv("RAY_TMPDIR", str(ray))
+    # Ray runs its workers niced (15): on a loaded machine (CI beside other jobs) every trial then
+    # waits behind any other process and the search tests take several times as long. At the
+    # driver's priority they share the cores fairly; the tests' own load (test_search's
+    # _core_busy) takes the workers' niceness, whatever it is.
+    patch.setenv("RAY_worker_niceness", "0")
     yield
     patch.undo()
     if own is not None:
