@@ -25,7 +25,6 @@ QUIET_TRAINER = dict(logger=False, enable_checkpointing=False, enable_progress_b
                      num_sanity_val_steps=0)
 
 
-
 def quiet_trainer(**overrides: Any) -> dict:
     """``pl.Trainer`` keyword arguments: :data:`QUIET_TRAINER` on one CPU device, then ``overrides``."""
     return {"accelerator": "cpu", "devices": 1, **QUIET_TRAINER, **overrides}
