@@ -8,11 +8,12 @@ TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 NATIVE_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-# The oldest torch lrfuse supports (pyproject's floor), tested by `make test-oldest`.
+# The oldest torch and Lightning lrfuse supports (pyproject's floors), tested by `make test-oldest`.
 OLDEST_TORCH ?= torch==2.11.0
+OLDEST_LIGHTNING ?= lightning==2.6.0
 OLDEST := .oldest
 
-.PHONY: demo test test-oldest bench clean
+.PHONY: demo test test-oldest docs bench clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lrfuse demo
@@ -31,13 +32,29 @@ TORCH_TESTS := tests/test_ops.py tests/test_parity.py tests/test_torch_suite.py 
 	tests/test_launch_plan.py tests/test_distributed.py tests/lightning/test_optimizers.py \
 	tests/lightning/test_precision.py tests/lightning/test_sharded.py
 
-# Those tests against the oldest supported torch (CPU kernels), in a copy of the tree: the
-# extension is built in place, and the copy keeps it from replacing the main build's.
+# Those tests against the oldest supported torch (CPU kernels), with lrfuse installed as a user
+# would: `python -m build` makes an sdist and, from it, a wheel (built against that torch), which
+# goes into a fresh venv; the tests then run from a copy of the tree against the installed wheel.
 test-oldest:
-	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	rm -rf $(OLDEST)/src $(OLDEST)/dist && mkdir -p $(OLDEST)/src
 	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
-	$(MAKE) -C $(OLDEST)/src test VENV=../venv TORCH="$(OLDEST_TORCH)" LRFUSE_CUDA=0 PYTHON=$(PYTHON) \
-		PYTEST_ARGS="$(TORCH_TESTS)"
+	$(MAKE) $(OLDEST)/venv/.deps VENV=$(OLDEST)/venv TORCH="$(OLDEST_TORCH)" PYTHON=$(PYTHON)
+	$(OLDEST)/venv/bin/python -m pip install -q build
+	cd $(OLDEST)/src && LRFUSE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} ../venv/bin/python -m build -q --no-isolation --outdir ../dist .
+	$(OLDEST)/venv/bin/python -m pip install -q --force-reinstall --no-deps $(OLDEST)/dist/lrfuse-*.whl
+	$(OLDEST)/venv/bin/python -m pip install -q "$$(ls $(OLDEST)/dist/lrfuse-*.whl)[test]" "$(OLDEST_LIGHTNING)"
+	# From outside the tree: the lrfuse that imports is the wheel's, with its compiled kernels.
+	cd / && $(abspath $(OLDEST))/venv/bin/python -c "import lrfuse, lrfuse.ops as o; \
+		assert 'site-packages' in lrfuse.__file__ and o.backend('cpu') == 'native', (lrfuse.__file__, o.backend('cpu')); \
+		print('wheel:', lrfuse.__file__)"
+	# pytest's script, not `python -m pytest`, which would put the tree's lrfuse/ first on sys.path.
+	cd $(OLDEST)/src && ../venv/bin/pytest $(TORCH_TESTS)
+
+# The docs site (MkDocs, strict) into site/: the README, docs/, and the API from the docstrings.
+docs: $(VENV)/.built
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs'])" \
+		| xargs $(PY) -m pip install -q
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: $(VENV)/.built
 	$(VENV)/bin/lrfuse bench
@@ -54,4 +71,4 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build lrfuse/*.so
+	rm -rf $(VENV) $(OLDEST) build dist site lrfuse/*.so

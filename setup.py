@@ -53,6 +53,11 @@ ROOT = Path(__file__).parent
 with_cuda = WANT_CUDA != "0" and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 if WANT_CUDA == "1" and not with_cuda:
     raise RuntimeError(f"LRFUSE_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc was not found")
+if not with_cuda and WANT_CUDA == "auto" and torch.cuda.is_available():
+    # A GPU is here but its kernels will not be: CUDA parameters would take the slow reference path.
+    print("\n" + "!" * 100 + f"\nlrfuse: a GPU is visible but the CUDA kernels are NOT built (torch {torch.__version__}, "
+          "nvcc not found).\nCUDA parameters will take the slow pure-PyTorch path. Put nvcc on PATH, or set "
+          "LRFUSE_CUDA=1 to make this an error.\n" + "!" * 100 + "\n", file=sys.stderr)
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     # torch takes the architectures from the visible GPUs and fails when there is none: build for
     # Ampere and Hopper, with PTX that newer GPUs compile at load time.

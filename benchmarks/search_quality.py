@@ -234,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                cluster.shutdown()
     total = time.perf_counter() - start
     text = table(results)
     print(f"\n{summary(results)}\n\n{text}")

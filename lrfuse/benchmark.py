@@ -502,7 +502,7 @@ def compare_step_time(params: list[torch.Tensor], steps: int = 20, warmup: int =
     ``"torch.optim.Adam(foreach=False)"``, ``"torch.optim.Adam(foreach=True)"`` and, where torch
     supports it for these tensors, ``"torch.optim.Adam(fused=True)"``.
 
-    Example:
+    Examples:
         >>> times = compare_step_time(list(model.parameters()))
         >>> times["torch.optim.Adam(fused=True)"] / times["lrfuse.FusedAdam"]  # speed-up
     """

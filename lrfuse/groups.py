@@ -10,7 +10,7 @@ A "layer" is, by default, one top-level child module in registration order (para
 on the root module form a layer of their own, first). Pass ``layers`` to say it yourself: a list
 of name prefixes (``["embed", "blocks.0", "blocks.1", "head"]``), each prefix one layer, in order.
 
-Example:
+Examples:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> groups = layerwise_groups(model, lr=1e-3, decay=0.5)
@@ -146,7 +146,7 @@ def layerwise_groups(model: nn.Module, lr: float, decay: float = 0.8, layers: Se
         ValueError: if ``lr < 0`` or ``decay`` is outside (0, 1], and as
             :func:`discriminative_groups`.
 
-    Example:
+    Examples:
         >>> opt = lrfuse.FusedAdamW(layerwise_groups(model, lr=3e-4, decay=0.75,
         ...                         layers=["embed", *[f"blocks.{i}" for i in range(12)], "head"],
         ...                         weight_decay=0.05, no_decay_norm_bias=True))  # doctest: +SKIP

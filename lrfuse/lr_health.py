@@ -59,7 +59,7 @@ class HealthRules:
         slow_fall: too low needs the loss to have fallen by less than this share of its start.
         collapse: updates collapsed when the recent ratios are this many times below the largest.
 
-    Example:
+    Examples:
         >>> rules = HealthRules()
         >>> for loss in (2.3, 5e4, 1.0, 0.5, 0.4):  # a spike, then back down
         ...     rules.add_loss(loss, lr=3.0)

@@ -40,7 +40,7 @@ the suggestion becomes the schedule's *peak*: the pick divided by the mean, so t
 over the run is the same, and capped at the LR of the smoothed minimum, past which the sweep saw
 training turn unstable.
 
-Example:
+Examples:
     >>> import math
     >>> result = range_test(lambda lr: 1 - math.tanh(math.log10(lr / 1e-3)) + (lr > 0.3) * 100,
     ...                     min_lr=1e-6, max_lr=1.0, num_steps=100)
@@ -418,7 +418,7 @@ def race_pick(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     through it and its two neighbours when that is convex (never past the neighbours), times
     ``RACE_HORIZON``. ``None`` when no loss is finite.
 
-    Example:
+    Examples:
         >>> round(race_pick([1e-1, 1e-2, 1e-3], [0.9, 0.5, 0.9]), 6)  # symmetric: the middle, halved
         0.005
     """

@@ -11,7 +11,7 @@ with metric values; its state round-trips through ``state_dict`` / ``load_state_
 
 Nothing in this module imports Lightning.
 
-Example:
+Examples:
     >>> s = Warmup(Cosine(total_steps=900), warmup_steps=100)
     >>> [round(s(t), 3) for t in (0, 50, 100, 550, 1000)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
@@ -293,7 +293,7 @@ class Plateau:
     Raises:
         ValueError: on an unknown mode or out-of-range arguments.
 
-    Example:
+    Examples:
         >>> p = Plateau(patience=1)
         >>> [p.update(v) for v in (1.0, 1.0, 1.0)]
         [1.0, 1.0, 0.1]
@@ -373,7 +373,7 @@ def mean_factor(schedule, total_steps: int, max_points: int = 10_000) -> float:
         ValueError: if ``total_steps`` is not a whole number >= 1 or the schedule's factors are all 0
             or not finite over the run.
 
-    Example:
+    Examples:
         >>> round(mean_factor(make_schedule("cosine", total_steps=1000, warmup_steps=100), 1000), 2)
         0.5
     """
@@ -401,7 +401,7 @@ def compress(schedule, total_steps: int, steps: int, max_points: int = 10_000):
     Raises:
         ValueError: as :func:`mean_factor`, or if ``steps`` is not a whole number >= 1.
 
-    Example:
+    Examples:
         >>> f = compress(make_schedule("cosine", total_steps=1000, warmup_steps=100), 1000, 10)
         >>> [round(f(t), 2) for t in (0, 1, 5, 9)]
         [0.0, 1.0, 0.59, 0.03]

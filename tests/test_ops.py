@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def test_reference_path_warns_once(monkeypatch):
             opt.step()
     messages = [str(w.message) for w in caught if "reference path" in str(w.message)]
     assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0]
+
+
+def test_a_build_without_cuda_kernels_says_how_to_get_them(monkeypatch):
+    # A GPU user whose build found no nvcc: the step on CUDA falls back, and says why and what to run.
+    monkeypatch.setattr(ops, "_C", types.SimpleNamespace(with_cuda=False))
+    monkeypatch.setattr(ops, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="reference path on cuda") as caught:
+        ops._warn_reference(torch.device("cuda"))
+    message = str(caught[0].message)
+    assert "built without cuda kernels" in message and "LRFUSE_CUDA=1 pip install --no-build-isolation" in message
 
 
 def amp_setup():

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -129,6 +130,11 @@ def _quiet() -> None:
     quiet_logs("torch.utils.cpp_extension")
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    # A progress bar redraws with carriage returns: piped to a file or a CI log it is thousands of fragments.
+    return not args.no_progress and sys.stdout.isatty()
+
+
 def _find(argv: list[str]) -> int:
     from lrfuse.lightning.demo import FINDER
     from lrfuse.lightning.finder import find_lr
@@ -145,13 +151,13 @@ def _find(argv: list[str]) -> int:
                         help="the curve's suggestion alone, without the race (a fifth of the run per candidate)")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything, unless --seed_everything is given")
     parser.add_argument("--plot", default="lr_finder.png", help="where to write the plot ('' for none)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stdout is not a terminal)")
     args, rest = _split(parser, argv)
     _quiet()
     cli = _quiet_cli(rest)
     result = find_lr(cli.trainer, cli.model, datamodule=cli.datamodule, min_lr=args.min_lr, max_lr=args.max_lr,
                      num_steps=args.num_steps, method=args.method, plot_path=args.plot or None,
-                     verbose=not args.no_progress, race=not args.no_race)
+                     verbose=_progress(args), race=not args.no_race)
     stopped = f", stopped: {result.stopped}" if result.stopped else ""
     print(result.summary() + f"  [{len(result.lrs)} steps{stopped}]")
     if result.lr is not None:
@@ -179,6 +185,9 @@ def _search(argv: list[str]) -> int:
     parser.add_argument("--metric", default="val_loss")
     parser.add_argument("--mode", default="min", choices=["min", "max"])
     parser.add_argument("--address", default=None, help="join this Ray cluster ('auto': the one this machine is in)")
+    parser.add_argument("--runtime-env-json", type=json.loads, default=None, metavar="JSON",
+                        help="Ray's runtime environment for the trials, e.g. '{\"working_dir\": \".\"}' to ship "
+                             "your model's module to every node of a cluster")
     parser.add_argument("--cpus-per-trial", type=float, default=1)
     parser.add_argument("--gpus-per-trial", type=float, default=0)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -209,7 +218,7 @@ def _search(argv: list[str]) -> int:
     result = search_lr(model, cli.datamodule, method=args.method, trials=args.trials, min_lr=args.min_lr,
                        max_lr=args.max_lr, max_steps=max_steps, eval_every=args.eval_every, metric=args.metric,
                        mode=args.mode, trainer_kwargs=trainer, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
-                       gpus_per_trial=args.gpus_per_trial, address=args.address, num_cpus=args.num_cpus,
+                       gpus_per_trial=args.gpus_per_trial, address=args.address, runtime_env=args.runtime_env_json, num_cpus=args.num_cpus,
                        include_dashboard=args.dashboard, storage_path=args.storage_path, name=args.name,
                        max_failures=args.max_failures, resume=args.resume)
     if result.finder is not None:
@@ -241,7 +250,7 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=demo.EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="lr_finder.png", help="where to write the finder's plot ('' for none)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stdout is not a terminal)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the whole demo, the step-time comparison included "
                              "(a model this small runs fastest on one)")
@@ -256,7 +265,7 @@ def _demo(argv: list[str]) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from lrfuse.lightning import demo
 
-    progress = not args.no_progress
+    progress = _progress(args)
     start = time.perf_counter()
     print("lrfuse demo: scikit-learn digits (1,797 8x8 images), MLP 64-128-128-10, lrfuse.FusedAdam, CPU")
     print(f"1/3 LR range test ({demo.FINDER['num_steps']} steps, {demo.FINDER['min_lr']:g} .. "
@@ -309,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in ("fit", "validate", "test"):
-        build_cli(args=argv)
+        # No progress bar when stdout is not a terminal (a log, a pipe); --trainer.enable_progress_bar overrides.
+        build_cli(args=argv, trainer_defaults={"enable_progress_bar": sys.stdout.isatty()})
         return 0
     if command == "find":
         return _find(rest)

@@ -260,7 +260,7 @@ class LRFinder(Callback):
     Raises:
         ValueError: on invalid arguments (at construction) and when the model cannot be swept.
 
-    Example:
+    Examples:
         >>> trainer = Trainer(callbacks=[lrfuse.LRFinder(max_lr=1.0, plot_path="lr.png")])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule)  # trains with the suggested LR  # doctest: +SKIP
 
@@ -404,7 +404,7 @@ def find_lr(trainer: pl.Trainer, model: pl.LightningModule, train_dataloaders=No
         ValueError: if ``trainer`` already holds an :class:`LRFinder` callback (it would sweep twice),
             and as :class:`LRFinder`.
 
-    Example:
+    Examples:
         >>> result = find_lr(Trainer(max_epochs=5), model, datamodule=dm)  # doctest: +SKIP
         >>> print(result.summary()); result.plot("lr.png")  # doctest: +SKIP
     """

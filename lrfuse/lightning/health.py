@@ -68,7 +68,7 @@ class LRHealthMonitor(Callback):
     Raises:
         ValueError: if ``every_n_steps < 1``.
 
-    Example:
+    Examples:
         >>> Trainer(callbacks=[lrfuse.LRHealthMonitor(every_n_steps=50)])  # doctest: +SKIP
     """
 

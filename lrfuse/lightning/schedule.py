@@ -59,7 +59,7 @@ class LRSchedule(Callback):
     Raises:
         ValueError: on an unknown schedule or interval, or arguments the schedule rejects.
 
-    Example:
+    Examples:
         >>> Trainer(callbacks=[LRSchedule("cosine", warmup_steps=100)])  # doctest: +SKIP
 
         From the command line: ``--trainer.callbacks+=lrfuse.LRSchedule --trainer.callbacks.schedule=cosine``.

@@ -81,10 +81,14 @@ def _warn_reference(device: torch.device) -> None:
     if _warned or _forced == "reference":
         return
     _warned = True
-    why = f"lrfuse._C did not load ({_load_error})" if _C is None else f"lrfuse._C has no {device.type} kernels"
+    if _C is None:
+        why, fix = f"lrfuse._C did not load ({_load_error})", "pip install --no-build-isolation -e ."
+    else:  # built, but without this device's kernels: for CUDA, nvcc was not found at build time
+        why = f"lrfuse._C was built without {device.type} kernels"
+        fix = "LRFUSE_CUDA=1 pip install --no-build-isolation -e . (with nvcc on PATH)"
     warnings.warn(
-        f"{why}: lrfuse optimizers run the pure-PyTorch reference path, which is correct but slow. "
-        "Build the extension with `pip install --no-build-isolation -e .`.",
+        f"{why}: lrfuse optimizers run the pure-PyTorch reference path on {device.type}, which is correct "
+        f"but slow. Rebuild: {fix}; lrfuse --version tells which kernels serve each device.",
         RuntimeWarning,
         stacklevel=4,
     )

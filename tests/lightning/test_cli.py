@@ -83,8 +83,11 @@ optimizer:
 
 
 def test_lrfuse_fit_subcommand(tmp_path, capsys):
-    assert main(["fit", "--optimizer=lrfuse.FusedAdam", "--optimizer.lr=0.003", *quiet(tmp_path, 3)]) == 0
-    assert (tmp_path / "config.yaml").exists()
+    flags = [flag for flag in quiet(tmp_path, 3) if "progress_bar" not in flag]
+    assert main(["fit", "--optimizer=lrfuse.FusedAdam", "--optimizer.lr=0.003", *flags]) == 0
+    # stdout is not a terminal here (captured), as in a CI log: no progress bar redrawn with "\r"
+    assert "enable_progress_bar: false" in (tmp_path / "config.yaml").read_text()
+    assert "\r" not in "".join(capsys.readouterr())
 
 
 def test_lrfuse_find_and_demo(tmp_path, capsys):
@@ -96,14 +99,16 @@ def test_lrfuse_find_and_demo(tmp_path, capsys):
     # fit's flags and YAML: the model and data they configure are the ones swept
     config = tmp_path / "find.yaml"
     config.write_text("model:\n  hidden: 16\ndata:\n  batch_size: 32\n")
-    assert main(["find", "--no-progress", "--num-steps=30", "--plot=", "--config", str(config),
+    assert main(["find", "--num-steps=30", "--plot=", "--config", str(config),
                  "--optimizer=lrfuse.FusedAdamW", "--optimizer.weight_decay=0.01"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err  # not a terminal: no progress bar without --no-progress
     assert "[30 steps" in out and f"--config {config}" in out and "--optimizer.lr=" in out
     torch.set_num_threads(3)  # the caller's count: the demo runs on --threads (default 1), then restores it
-    assert main(["demo", "--no-progress", "--epochs=1", "--plot="]) == 0
+    assert main(["demo", "--epochs=1", "--plot="]) == 0
     assert torch.get_num_threads() == 3
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err  # stdout is not a terminal: clean lines, no progress bars
     assert "final validation accuracy" in out and "lrfuse.FusedAdam" in out and "torch.optim.Adam" in out
     assert "(median, 1 thread)" in out
 

@@ -29,8 +29,8 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
               max_steps: int = 300, eval_every: int | None = None, metric: str = "val_loss", mode: str = "min",
               trainer_kwargs: dict | None = None, finder_kwargs: dict | None = None, seed: int = 0,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
-              address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
-              storage_path: str | None = None, name: str | None = None, max_failures: int = 1,
+              address: str | None = None, runtime_env: dict | None = None, num_cpus: int | None = None,
+              include_dashboard: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 1,
               grace_period: int = 1, reduction_factor: int = 2, perturbation_interval: int = 2,
               resume: bool = False, audit: bool = False, verbose: int = 0) -> LRSearchResult:
     """Search the learning rate on Ray Tune: ``"grid"``, ``"random"``, ``"race"`` or ``"pbt"``.
@@ -62,6 +62,8 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         max_concurrent: at most this many trials at once (default: as resources allow); grid and
             random only (the race and PBT need every trial in the search at once).
         address: join this Ray cluster (``"auto"``: the one this machine is part of).
+        runtime_env: Ray's runtime environment for the trials, e.g. ``{"working_dir": "."}`` to ship
+            the folder that holds your model's module to every node of a cluster.
         num_cpus: CPUs of a local Ray (default: all).
         include_dashboard: start Ray's dashboard (on 127.0.0.1) with a local Ray.
         storage_path, name: where Tune keeps checkpoints and results (default ``~/ray_results``;
@@ -149,7 +151,8 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
     try:
         # Ray first (it fails at once when missing, and starts while the finder runs).
         started = cluster.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard,
-                               session_dir=cluster.session_dir_in(scratch))
+                               session_dir=cluster.session_dir_in(scratch),
+                               **({"runtime_env": runtime_env} if runtime_env else {}))
         finder = None
         if saved is not None:  # the saved range: the trials' LRs are fixed already
             min_lr, max_lr = saved["low"], saved["high"]
@@ -173,9 +176,7 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         results, path = run_tune(settings, payload)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            cluster.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     trials_run = records(results, metric, mode, budget, method)
     best = pick(trials_run, mode, budget)
