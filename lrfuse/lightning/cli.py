@@ -155,6 +155,11 @@ def _find(argv: list[str]) -> int:
     args, rest = _split(parser, argv)
     _quiet()
     cli = _quiet_cli(rest)
+    length = cli.config["trainer"]
+    if not args.no_race and length.get("max_epochs") is None and length.get("max_steps") in (None, -1):
+        # Lightning's default run is 1,000 epochs: a race over a fifth of that is not what anyone means.
+        parser.error("the race trains each candidate for a fifth of the run, so it needs the run's length: "
+                     "add --trainer.max_epochs N or --trainer.max_steps N (as you will train), or --no-race")
     result = find_lr(cli.trainer, cli.model, datamodule=cli.datamodule, min_lr=args.min_lr, max_lr=args.max_lr,
                      num_steps=args.num_steps, method=args.method, plot_path=args.plot or None,
                      verbose=_progress(args), race=not args.no_race)

@@ -92,14 +92,17 @@ def test_lrfuse_fit_subcommand(tmp_path, capsys):
 
 def test_lrfuse_find_and_demo(tmp_path, capsys):
     plot = tmp_path / "lr.png"
-    assert main(["find", "--no-progress", "--num-steps=40", f"--plot={plot}"]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # the race needs the run's length (not Lightning's 1,000 epochs)
+        main(["find", "--no-progress", "--num-steps=40", f"--plot={plot}"])
+    assert exit_info.value.code == 2 and "--trainer.max_epochs" in capsys.readouterr().err
+    assert main(["find", "--no-progress", "--num-steps=40", f"--plot={plot}", "--trainer.max_epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "suggested lr" in out and plot.exists()
-    assert "train with: lrfuse fit --seed_everything=0 --model.lr=" in out
+    assert "train with: lrfuse fit --seed_everything=0 --trainer.max_epochs=3 --model.lr=" in out
     # fit's flags and YAML: the model and data they configure are the ones swept
     config = tmp_path / "find.yaml"
     config.write_text("model:\n  hidden: 16\ndata:\n  batch_size: 32\n")
-    assert main(["find", "--num-steps=30", "--plot=", "--config", str(config),
+    assert main(["find", "--num-steps=30", "--plot=", "--config", str(config), "--trainer.max_epochs=2",
                  "--optimizer=lrfuse.FusedAdamW", "--optimizer.weight_decay=0.01"]) == 0
     out, err = capsys.readouterr()
     assert "\r" not in out + err  # not a terminal: no progress bar without --no-progress
