@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
         finally:
             if started:
-                cluster.shutdown()
+                import ray
+
+                ray.shutdown()
     total = time.perf_counter() - start
     text = table(results)
     print(f"\n{summary(results)}\n\n{text}")

@@ -176,7 +176,9 @@ def search_lr(model: pl.LightningModule | Callable[[], pl.LightningModule], data
         results, path = run_tune(settings, payload)
     finally:
         if started:
-            cluster.shutdown()
+            import ray
+
+            ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     trials_run = records(results, metric, mode, budget, method)
     best = pick(trials_run, mode, budget)

@@ -17,13 +17,12 @@ import secrets
 import sys
 import warnings
 
-__all__ = ["import_ray", "init", "session_dir_in", "shutdown"]
+__all__ = ["ensure_token", "import_ray", "init", "session_dir_in"]
 
 _LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Where Ray looks for its authentication mode and token.
 _AUTH_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _TOKEN_FILE = os.path.expanduser("~/.ray/auth_token")
-_made_token: str | None = None  # the token init() put in the environment, until shutdown()
 
 
 def import_ray():
@@ -65,12 +64,8 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     ray = import_ray()
     if ray.is_initialized():
         return False
-    global _made_token
-    if address is None and not any(k in os.environ for k in _AUTH_SETTINGS) and not os.path.exists(_TOKEN_FILE):
-        # A local Ray turns on token authentication and, finding no token, writes one to
-        # ~/.ray/auth_token, a file that would outlive the search: give it one through the
-        # environment instead (Ray's processes inherit it), unless the user chose a mode or token.
-        os.environ["RAY_AUTH_TOKEN"] = _made_token = secrets.token_hex(32)
+    if address is None:
+        ensure_token()
     kwargs.setdefault("log_to_driver", False)  # trials report through Tune; their logs stay in the session dir
     kwargs.setdefault("configure_logging", False)
     if address is None:
@@ -83,15 +78,13 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     return True
 
 
-def shutdown() -> None:
-    """Shut down the Ray this process started or joined, and forget the token :func:`init` made."""
-    global _made_token
-    import ray
-
-    ray.shutdown()
-    if _made_token is not None and os.environ.get("RAY_AUTH_TOKEN") == _made_token:
-        del os.environ["RAY_AUTH_TOKEN"]
-    _made_token = None
+def ensure_token() -> None:
+    """Give a local Ray an authentication token through the environment, unless the user chose a
+    mode or a token. Ray (2.60) turns token authentication on for a local start and, finding no
+    token, writes one to ``~/.ray/auth_token``, a file that would outlive the search. The token
+    stays for the process: Ray keeps the first one it reads, so every later start must use it too."""
+    if not any(k in os.environ for k in _AUTH_SETTINGS) and not os.path.exists(_TOKEN_FILE):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def session_dir_in(folder: str) -> str | None:
