@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- docs-test: (?P<tags>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)\n```", re.DOTALL)
+_SET_BY_SEARCH = ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # lrfuse.lightning.search.cluster
 LIMIT_S = 900  # a safety net: the README's examples take about a minute each on a loaded 2-core machine
 
 
@@ -42,9 +43,11 @@ def _bash_blocks() -> list[tuple[str, set[str], str]]:
 
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    # The venv's scripts (lrfuse, ray) first on PATH, as after `. .venv/bin/activate`.
-    environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONUNBUFFERED": "1", **env}
+    # The venv's scripts (lrfuse, ray) first on PATH, as after `. .venv/bin/activate`; without what
+    # an earlier test's search set in this process's environment, which a reader's shell lacks:
+    # Ray's token, and the local-only switch (with it, `ray start --address` refuses a second node).
+    environ = {k: v for k, v in os.environ.items() if k not in _SET_BY_SEARCH}
+    environ.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1", **env)
     return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=LIMIT_S)
 
 
