@@ -13,15 +13,30 @@ OLDEST_TORCH ?= torch==2.11.0
 OLDEST_LIGHTNING ?= lightning==2.6.0
 OLDEST := .oldest
 
-.PHONY: demo test test-oldest docs bench clean
+.PHONY: demo test test-ray test-others test-oldest docs bench clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lrfuse demo
 
-# pytest's exit status is the job's: 5 (no test collected) fails like any other, since a run that
-# checked nothing must not pass.
+# Two pytest runs side by side, one per core: the tests that run Ray, one after another (each
+# starts or stops Ray sessions, and the cluster recipe's `ray stop` ends every Ray process of the
+# user), and all the others (mostly single-threaded Python). Each run's exit status counts: 5 (no
+# test collected) fails like any other, since a run that checked nothing must not pass. With
+# PYTEST_ARGS (`make test PYTEST_ARGS="tests/test_ops.py -x"`), one run of just that.
+RAY_TESTS := tests/lightning/test_search.py tests/test_search_quality.py tests/test_docs.py
+ifeq ($(strip $(PYTEST_ARGS)),)
+test: $(VENV)/.built
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-ray test-others
+else
 test: $(VENV)/.built
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
+
+test-ray: $(VENV)/.built
+	$(PY) -m pytest --basetemp=.pytest_cache/tmp-ray $(RAY_TESTS)
+
+test-others: $(VENV)/.built
+	$(PY) -m pytest $(addprefix --ignore=,$(RAY_TESTS))
 
 # What depends on torch's version: the ops and their registration, the optimizers against torch's
 # own (parity, torch's optim_db suite, drop-in edits, errors, state dicts, compile), AMP, and the
@@ -59,15 +74,21 @@ docs: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/lrfuse bench
 
+# The README's install commands, one for one (tests/test_docs.py holds them to it), with the
+# `test` extra instead of `lightning`.
+EXTRAS ?= test
+PIP := $(PY) -m pip -q
+
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "setuptools>=77" wheel ninja
+	$(PIP) install -U pip "setuptools>=77" wheel ninja
+	$(PIP) install "$(TORCH)"
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above, not a fresh one.
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	$(VENV)/bin/lrfuse --version
 	touch $@
 
 clean:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -104,3 +105,51 @@ def _stop_processes_naming(folder: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+
+
+def _commands(text: str) -> list[list[str]]:
+    """Shell lines as argument lists, without comments, one command per `&&`-joined part."""
+    out = []
+    for line in text.replace("\\\n", " ").splitlines():
+        command: list[str] = []
+        for token in shlex.split(line, comments=True) + ["&&"]:
+            if token != "&&":
+                command.append(token)
+            elif command:
+                out.append(command)
+                command = []
+    return out
+
+
+def test_make_runs_the_readmes_install_commands():
+    # The README's install block is what `make` runs to set up .venv (with the `test` extra there,
+    # `lightning` in the README): `make -n` lists the commands without running them.
+    (install,) = [code for lang, _, code in blocks(ROOT / "README.md")
+                  if lang == "bash" and "--no-build-isolation" in code]
+    readme = [c for c in _commands(install) if c[:1] != ["."]]  # `. .venv/bin/activate`
+    done = subprocess.run(["make", "-n", "-B", ".venv/.built", "VENV=.venv", "EXTRAS=lightning"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    made = []
+    for c in _commands(done.stdout):
+        if c[0] == "touch":
+            continue
+        c = [t for t in c if not t.startswith("MAX_JOBS=")]
+        if c[:4] == [".venv/bin/python", "-m", "pip", "-q"]:
+            c = ["pip", *c[4:]]
+        made.append([Path(c[0]).name if c[0].startswith(".venv/bin/") else c[0], *c[1:]])
+    assert made == readme
+
+
+def test_benchmarks_gpu_commands_say_so_at_once_without_a_gpu():
+    # The README's GPU benchmark commands run on the GPU machine (benchmarks/gpu_check.sh); here,
+    # without a CUDA device, each must stop at once and say what to run instead.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: benchmarks/gpu_check.sh runs these")
+    lines = [c for lang, _, code in blocks(ROOT / "README.md") if lang == "bash" for c in _commands(code)
+             if c[:2] == ["lrfuse", "bench"] and "cuda" in c]
+    assert len(lines) == 2, lines
+    for c in lines:
+        done = _run(c, ROOT)
+        assert done.returncode != 0 and "no CUDA device; run with --device cpu" in done.stderr, (c, done.stderr)
