@@ -22,39 +22,50 @@ namespace {
 // Tensors written per parallel chunk: each bump touches a counter of its own, often a cache miss.
 constexpr int64_t kBumpGrain = 512;
 
-// The tensor lists the op writes, as they are on the stack.
-std::vector<c10::IValue> written_lists(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+// What the op writes, as it is on the stack: tensor lists, and the optional `stats` tensor
+// (None when not asked for).
+std::vector<c10::IValue> written_args(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack.size() - arguments.size();
   std::vector<c10::IValue> written;
   for (size_t a = 0; a < arguments.size(); ++a) {
     const auto* alias = arguments[a].alias_info();
-    if (alias != nullptr && alias->isWrite()) written.push_back(stack[first + a]);
+    if (alias != nullptr && alias->isWrite() && !stack[first + a].isNone()) written.push_back(stack[first + a]);
   }
   return written;
 }
 
 void refuse_graph(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for (const c10::IValue& list : written_lists(op, *stack))
-      for (const c10::IValue& t : list.toListRef())
-        TORCH_CHECK(!t.toTensor().requires_grad(), op.schema().name(),
-                    ": a tensor it writes requires grad, and the update is not differentiable; "
-                    "call it under torch.no_grad() (an optimizer's step does)");
+    auto refuse = [&](const at::Tensor& t) {
+      TORCH_CHECK(!t.requires_grad(), op.schema().name(),
+                  ": a tensor it writes requires grad, and the update is not differentiable; "
+                  "call it under torch.no_grad() (an optimizer's step does)");
+    };
+    for (const c10::IValue& arg : written_args(op, *stack)) {
+      if (arg.isTensor()) refuse(arg.toTensor());
+      else for (const c10::IValue& t : arg.toListRef()) refuse(t.toTensor());
+    }
   }
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
+void bump(const at::Tensor& t) {
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->version_counter().enabled()) impl->bump_version();  // inference tensors keep none
+}
+
 void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const std::vector<c10::IValue> written = written_lists(op, *stack);  // before the call consumes the stack
+  const std::vector<c10::IValue> written = written_args(op, *stack);  // before the call consumes the stack
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  for (const c10::IValue& list : written) {
-    const auto tensors = list.toListRef();
+  for (const c10::IValue& arg : written) {
+    if (arg.isTensor()) {
+      bump(arg.toTensor());
+      continue;
+    }
+    const auto tensors = arg.toListRef();
     at::parallel_for(0, static_cast<int64_t>(tensors.size()), kBumpGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        c10::TensorImpl* impl = tensors[i].toTensor().unsafeGetTensorImpl();
-        if (impl->version_counter().enabled()) impl->bump_version();  // inference tensors keep none
-      }
+      for (int64_t i = begin; i < end; ++i) bump(tensors[i].toTensor());
     });
   }
 }

@@ -72,6 +72,15 @@ void check_call_args(const FusedArgs& a) {
                   a.hyper.size(1) == a.hyper_columns && a.hyper.is_contiguous(),
               a.op, ": hyper must be a contiguous float64 table of shape (groups, ", a.hyper_columns,
               "), got ", a.hyper.scalar_type(), " of shape ", a.hyper.sizes());
+  if (a.stats) {
+    const at::Tensor& t = *a.stats;
+    TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == a.hyper.size(0) &&
+                    t.size(1) == a.stats_columns && t.is_contiguous(),
+                a.op, ": stats must be a contiguous float64 table of shape (", a.hyper.size(0), ", ", a.stats_columns,
+                "), one row per row of hyper, got ", t.scalar_type(), " of shape ", t.sizes());
+    TORCH_CHECK(t.device() == a.hyper.device(), a.op, ": stats is on ", t.device(), " but hyper is on ",
+                a.hyper.device(), "; put it beside hyper");
+  }
   if (n == 0) return;
 
   const at::Device device = a.params[0].device();

@@ -24,11 +24,13 @@ struct FusedArgs {
   int64_t hyper_columns;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& stats;  // float64, (hyper rows, stats_columns), written
+  int64_t stats_columns;
 };
 
 // Every check of a call, in this order (a backend may run check_tensor in parallel, for a call's
 // tensors in any order, provided that it reports the error of the first failing tensor):
-void check_call_args(const FusedArgs& a);         // list lengths, the hyper table, grad_scale, found_inf
+void check_call_args(const FusedArgs& a);         // list lengths, the hyper table, grad_scale, found_inf, stats
 void check_tensor(const FusedArgs& a, size_t i);  // tensor i: parameter, gradient, state, step, group row
 void check_distinct(const FusedArgs& a);          // no parameter passed twice
 void check_fused_args(const FusedArgs& a);        // all three

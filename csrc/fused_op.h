@@ -4,12 +4,14 @@
 //
 //   fused_<name>_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] <state>, ...,
 //                 Tensor(x!)[] steps, int[] group_of, Tensor hyper,
-//                 Tensor? grad_scale=None, Tensor? found_inf=None) -> ()
+//                 Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(y!)? stats=None) -> ()
 //
 // (`steps` only for rules that count steps.) `group_of[i]` is the row of `hyper` (float64, one
 // row per group, the rule's columns) that tensor i reads, so groups with different learning rates
 // share the call. Optional state lists are empty (the feature is off) or hold one tensor per
-// parameter.
+// parameter. `stats`, when given, is a float64 table with a row per row of `hyper` to which the
+// step adds, for the tensors of each row, the kStat columns below; a step that found_inf skips
+// adds nothing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,6 +28,12 @@ namespace lrfuse {
 
 constexpr int kMaxStates = 3;
 
+// The columns of `stats`: sums over the row's tensors of the squared update as applied (the
+// parameter after the step minus before it, both as stored), the squared parameter before the
+// step, the squared gradient as the step used it (unscaled; before weight decay and maximize),
+// and the count of non-finite gradient elements.
+enum Stat : int { kUpdateSq, kParamSq, kGradSq, kNonfinite, kStatColumns };
+
 // One call's arguments. `states` in the rule's order: kStates, then kOptionalStates.
 struct FusedCall {
   at::TensorList params, grads;
@@ -35,6 +43,7 @@ struct FusedCall {
   const at::Tensor& hyper;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& stats;
 };
 
 template <typename Rule>
@@ -50,7 +59,8 @@ std::string schema() {
   for (const char* name : Rule::kStates) s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
   for (const char* name : Rule::kOptionalStates) s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
   if (Rule::kCountsSteps) s += std::string("Tensor(") + alias++ + "!)[] steps, ";
-  return s + "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()";
+  return s + "int[] group_of, Tensor hyper, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(" + alias +
+         "!)? stats=None) -> ()";
 }
 
 // The arguments as checks.h sees them, named after the rule's lists.
@@ -58,7 +68,7 @@ template <typename Rule>
 FusedArgs fused_args(const FusedCall& call) {
   static const std::string name = op_name<Rule>();
   FusedArgs args{name.c_str(), call.params, call.grads, {}, {}, call.steps, Rule::kCountsSteps, call.group_of,
-                 call.hyper, Rule::kColumns, call.grad_scale, call.found_inf};
+                 call.hyper, Rule::kColumns, call.grad_scale, call.found_inf, call.stats, kStatColumns};
   int k = 0;
   for (const char* state : Rule::kStates) args.states.push_back({state, call.states[k++]});
   for (const char* state : Rule::kOptionalStates) args.optional_states.push_back({state, call.states[k++]});
@@ -102,14 +112,17 @@ struct Kernel<Rule, Backend, std::index_sequence<I...>> {
 
   static void with_steps(at::TensorList params, at::TensorList grads, List<I>... states, at::TensorList steps,
                          at::IntArrayRef group_of, const at::Tensor& hyper,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-    Backend::template run<Rule>(FusedCall{params, grads, {states...}, steps, group_of, hyper, grad_scale, found_inf});
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& stats) {
+    Backend::template run<Rule>(
+        FusedCall{params, grads, {states...}, steps, group_of, hyper, grad_scale, found_inf, stats});
   }
 
   static void without_steps(at::TensorList params, at::TensorList grads, List<I>... states, at::IntArrayRef group_of,
                             const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
-    Backend::template run<Rule>(FusedCall{params, grads, {states...}, {}, group_of, hyper, grad_scale, found_inf});
+                            const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats) {
+    Backend::template run<Rule>(
+        FusedCall{params, grads, {states...}, {}, group_of, hyper, grad_scale, found_inf, stats});
   }
 
   static auto function() {

@@ -60,6 +60,7 @@ BENCHED = {
 OPTIMIZERS = tuple(BENCHED)
 
 # The torch implementations compared, as constructor flags.
+STATS = "lrfuse_stats"  # lrfuse with track_stats=True, timed beside plain lrfuse with --stats
 _TORCH_IMPLS: dict[str, dict] = {
     "forloop": {"foreach": False},
     "foreach": {"foreach": True},
@@ -157,19 +158,19 @@ def _fresh_groups(work: Workload, device: torch.device, seed: int) -> list[dict]
 
 
 def _build(optimizer: str, impl: str, groups: list[dict]) -> torch.optim.Optimizer:
-    if impl == "lrfuse":
+    if impl in ("lrfuse", STATS):
         import lrfuse
 
-        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs)
+        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR, track_stats=impl == STATS, **BENCHED[optimizer].kwargs)
     cls = getattr(torch.optim, BENCHED[optimizer].torch_class)
     return cls(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs, **_TORCH_IMPLS[impl])
 
 
-def _impls_for(optimizer: str, device: torch.device) -> list[str]:
+def _impls_for(optimizer: str, device: torch.device, stats: bool = False) -> list[str]:
     impls = ["forloop", "foreach"] if device.type == "cpu" else ["foreach"]
     if device.type in BENCHED[optimizer].fused_on:
         impls.append("fused")
-    return ["lrfuse"] + impls
+    return ["lrfuse"] + [STATS] * stats + impls
 
 
 def _block(fn: Callable[[], object], number: int, device: torch.device) -> float:
@@ -334,29 +335,35 @@ class Row:
     def ratios(self) -> dict[str, float]:
         """torch time / lrfuse time for each torch impl, and against the fastest ("best")."""
         mine = self.median("lrfuse")
-        out = {impl: t["median_s"] / mine for impl, t in self.times.items() if impl != "lrfuse"}
+        out = {impl: t["median_s"] / mine for impl, t in self.times.items() if impl not in ("lrfuse", STATS)}
         out["best"] = min(out.values())
         return out
+
+    def stats_cost(self) -> float | None:
+        """How much longer a step with ``track_stats=True`` takes (0.03: 3%), if timed."""
+        return self.median(STATS) / self.median("lrfuse") - 1 if STATS in self.times else None
 
 
 def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: Sequence[str] = OPTIMIZERS,
         threads: int | None = None, min_run_time: float = 1.5, quick: bool = False,
         large_params: int | None = None, bandwidth_numel: int | None = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, stats: bool = False) -> dict:
     """Runs the benchmark; returns the JSON-able result (machine, bandwidth, rows).
 
     The implementations of a row (and the bandwidth probe) live side by side, each on its own
     copy of the same random parameters, and are timed by :func:`time_interleaved`: about
     ``min_run_time`` seconds each, in short alternating blocks, so drift on a shared machine hits
-    them alike. The row's bandwidth is the probe's median from the same blocks.
+    them alike. The row's bandwidth is the probe's median from the same blocks. ``stats`` adds
+    lrfuse with ``track_stats=True`` to the row (its cost: ``stats_cost`` in each row).
     """
     with torch_threads(threads) as threads:  # the caller's thread count comes back afterwards
         return _run(torch.device(device), workloads, optimizers, threads, min_run_time, quick, large_params,
-                    bandwidth_numel, log)
+                    bandwidth_numel, log, stats)
 
 
 def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str], threads: int, min_run_time: float,
-         quick: bool, large_params: int | None, bandwidth_numel: int | None, log: Callable[[str], None]) -> dict:
+         quick: bool, large_params: int | None, bandwidth_numel: int | None, log: Callable[[str], None],
+         stats: bool = False) -> dict:
     info = machine_info(dev, threads)
     log(f"# {info['cpu_model']}, {info['cpu_count']} CPUs, {threads} threads, isa {info['cpu_isa']}, "
         f"torch {info['torch']}, device {dev}" + (f" ({info['gpu']})" if "gpu" in info else ""))
@@ -375,7 +382,7 @@ def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str],
                 raise ValueError(f"unknown optimizer {oname!r}; choose from {', '.join(OPTIMIZERS)}")
             row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups),
                       BENCHED[oname].bytes_per_param)
-            fns = {impl: _ready_step(oname, impl, work, dev) for impl in _impls_for(oname, dev)}
+            fns = {impl: _ready_step(oname, impl, work, dev) for impl in _impls_for(oname, dev, stats)}
             timed = time_interleaved({**fns, "bandwidth": probe.fn}, dev, min_run_time)
             row.bandwidth_gbps = probe.nbytes / timed.pop("bandwidth")["median_s"] / 1e9
             row.times = timed
@@ -394,7 +401,7 @@ def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str],
     result = {
         "machine": info,
         "settings": {"min_run_time": min_run_time, "quick": quick,
-                     "large_params": large_params},
+                     "large_params": large_params, "stats": stats},
         "bandwidth": {"gbps": bw, "before": bw_before, "after": bw_after},
         "rows": [],
     }
@@ -404,6 +411,8 @@ def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str],
         # Against the bandwidth measured beside this row: the fraction compares like with like.
         entry["bandwidth_fraction"] = {impl: row.gbps(impl) / row.bandwidth_gbps for impl in row.times}
         entry["ratios"] = row.ratios()
+        if stats:
+            entry["stats_cost"] = row.stats_cost()
         result["rows"].append(entry)
     return result
 
@@ -424,6 +433,8 @@ def _format_row(row: Row) -> str:
     parts.append(f"{row.gbps():7.1f} {row.bandwidth_gbps:6.1f} {100 * row.gbps() / row.bandwidth_gbps:4.0f}%")
     for impl in ("forloop", "foreach", "fused", "best"):
         parts.append(f"{r[impl]:6.2f}x" if impl in r else f"{'-':>7s}")
+    if row.stats_cost() is not None:
+        parts.append(f"  stats {100 * row.stats_cost():+.1f}%")
     return " ".join(parts)
 
 
@@ -575,6 +586,8 @@ def build_parser(prog: str = "lrfuse bench") -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-numel", type=lambda v: int(float(v)), default=None,
                    help="elements of each bandwidth buffer (default 2^26 on CPU, 2^28 on CUDA)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    p.add_argument("--stats", action="store_true",
+                   help="also time lrfuse with track_stats=True (per-group norms from the kernel) and print its cost")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups (needs matplotlib)")
     return p
@@ -589,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.02 if args.quick else 1.5)
     print(HEADER)
     result = run(args.device, args.workloads, args.optimizers, args.threads, min_run_time, args.quick,
-                 args.large_params, args.bandwidth_numel)
+                 args.large_params, args.bandwidth_numel, stats=args.stats)
     print()
     print(format_table(result))
     if args.json:

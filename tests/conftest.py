@@ -82,16 +82,22 @@ def _private_temp_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cuda_emulator(tmp_path_factory):
-    """tests/cuda_emulator.cpp, compiled against the torch in use (~1 min, once per session)."""
+def cuda_emulator():
+    """tests/cuda_emulator.cpp, compiled against the torch in use (~1 min, once).
+
+    One build folder per torch version in the project's pytest cache: pytest-xdist's workers
+    share it (torch's build lock makes one compile and the others wait and load), and a later
+    run with unchanged sources loads the build instead of compiling again."""
     if not cpp_extension.is_ninja_available():
         pytest.skip("building the CUDA emulator needs ninja")
     root = Path(__file__).resolve().parents[1]
+    build = _CACHE / f"cuda_emulator-torch{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
     # With the backends' argument checks (csrc/checks.cpp), which the CUDA op runs first too.
     return cpp_extension.load(name="lrfuse_cuda_emulator",
                               sources=[str(root / "tests" / "cuda_emulator.cpp"), str(root / "csrc" / "checks.cpp")],
                               extra_include_paths=[str(root / "csrc")], extra_cflags=["-O2"],
-                              build_directory=str(tmp_path_factory.mktemp("cuda_emulator")))
+                              build_directory=str(build))
 
 
 def emulated_op(emulator, rule: ops.Rule):
@@ -100,8 +106,8 @@ def emulated_op(emulator, rule: ops.Rule):
 
     def op(params, grads, *rest):
         steps = rest[n] if rule.counts_steps else []
-        group_of, hyper, grad_scale, found_inf = rest[n + rule.counts_steps:]
-        emulator.fused(rule.name, params, grads, list(rest[:n]), steps, group_of, hyper, grad_scale, found_inf)
+        group_of, hyper, grad_scale, found_inf, stats = (*rest[n + rule.counts_steps:], None, None, None)[:5]
+        emulator.fused(rule.name, params, grads, list(rest[:n]), steps, group_of, hyper, grad_scale, found_inf, stats)
 
     return op
 

@@ -37,9 +37,10 @@ using List = std::vector<at::Tensor>;
 // fused_<rule>_ with its state lists in one list, for every rule.
 void fused_op(const std::string& rule, const List& params, const List& grads, const std::vector<List>& states,
               const List& steps, const std::vector<int64_t>& group_of, const at::Tensor& hyper,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& stats) {
   TORCH_CHECK(states.size() <= kMaxStates, "too many state lists");
-  FusedCall call{params, grads, {}, steps, group_of, hyper, grad_scale, found_inf};
+  FusedCall call{params, grads, {}, steps, group_of, hyper, grad_scale, found_inf, stats};
   for (size_t k = 0; k < states.size(); ++k) call.states[k] = states[k];
   bool found = false;
 #define LRFUSE_EMULATE(Rule)                                                    \

@@ -35,9 +35,10 @@ def test_native_schema_is_the_rules(name):
     rule = ops.RULES[name]
     schema = getattr(torch.ops.lrfuse, f"fused_{name}_").default._schema
     names = [a.name for a in schema.arguments]
-    expected = 2 + len(rule.all_states) + rule.counts_steps + 4
-    assert len(names) == expected and names[:2] == ["params", "grads"] and names[-4:] == [
-        "group_of", "hyper", "grad_scale", "found_inf"]
+    expected = 2 + len(rule.all_states) + rule.counts_steps + 5
+    assert len(names) == expected and names[:2] == ["params", "grads"] and names[-5:] == [
+        "group_of", "hyper", "grad_scale", "found_inf", "stats"]
+    assert schema.arguments[-1].alias_info.is_write  # the kernel adds the step's sums to it
     assert names[2:2 + len(rule.all_states)] == list(rule.all_states)
     assert ("steps" in names) == rule.counts_steps
     assert all(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[2:2 + len(rule.all_states)])

@@ -82,6 +82,28 @@ class Plan {
     });
   }
 
+  // Each tensor cut into tiles of `tile` elements: the first tile of each tensor, then the total.
+  std::vector<int64_t> tiles(int64_t tile) const {
+    std::vector<int64_t> first(walks_.size() + 1, 0);
+    for (size_t i = 0; i < walks_.size(); ++i) first[i + 1] = first[i] + (walks_[i].numel + tile - 1) / tile;
+    return first;
+  }
+
+  // visit(i, lo, hi, t): tile t, elements [lo, hi) of tensor i, from one thread. Tiles start at
+  // fixed multiples of `tile` in each tensor, so what is summed per tile does not depend on the
+  // number of threads (run() splits the element space by it).
+  template <typename Visit>
+  void run_tiles(const std::vector<int64_t>& first, int64_t tile, const Visit& visit) const {
+    at::parallel_for(0, first.back(), std::max<int64_t>(1, kGrainSize / tile), [&](int64_t begin, int64_t end) {
+      size_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+      for (int64_t t = begin; t < end; ++t) {
+        while (first[i + 1] <= t) ++i;
+        const int64_t lo = (t - first[i]) * tile;
+        visit(i, lo, std::min(walks_[i].numel, lo + tile), t);
+      }
+    });
+  }
+
   // body<kContiguous>(n, ptrs, element_strides): runs of elements [lo, hi) of one tensor.
   template <typename scalar_t, typename Body>
   static void for_each_run(const Walk& w, int64_t lo, int64_t hi, const Body& body) {

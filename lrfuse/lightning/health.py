@@ -18,6 +18,8 @@ from typing_extensions import override
 
 from lrfuse.groups import group_labels
 from lrfuse.lr_health import OK, TOO_HIGH, TOO_LOW, HealthRules
+from lrfuse.optim._base import _FusedStep
+from lrfuse.optim._cache import DTensor
 
 __all__ = ["LRHealthMonitor", "group_keys", "group_metric_names"]
 
@@ -60,7 +62,9 @@ class LRHealthMonitor(Callback):
     run judges as the uninterrupted one would.
 
     Args:
-        every_n_steps: check period in optimizer steps (the check copies each group's weights once).
+        every_n_steps: check period in optimizer steps. lrfuse's optimizers on the CPU measure a
+            check's step in the kernel's own pass; any other optimizer's weights are copied once
+            per check.
         rules: the thresholds (:class:`~lrfuse.lr_health.HealthRules`; default: its defaults). From
             the command line: ``--trainer.callbacks.rules.high_ratio 0.2``.
         warn: warn when a verdict turns bad.
@@ -84,7 +88,7 @@ class LRHealthMonitor(Callback):
         self.status: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.ratios: dict[str, deque[float]] = {}
-        self._before: list[list[list[torch.Tensor]]] | None = None
+        self._before: list[_Copies | _KernelStats] | None = None  # per optimizer, at a due check
         self._loss_sum, self._loss_count = 0.0, 0
         self._snap_step = -1
 
@@ -108,9 +112,7 @@ class LRHealthMonitor(Callback):
         if trainer.global_step % self.every_n_steps != 0 or self._before is not None:
             return
         self._snap_step = trainer.global_step
-        with torch.no_grad():
-            self._before = [[[p.detach().clone() for p in g["params"] if p.grad is not None]
-                             for g in opt.param_groups] for opt in trainer.optimizers]
+        self._before = [(_KernelStats if _KernelStats.serves(opt) else _Copies)(opt) for opt in trainer.optimizers]
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -131,10 +133,8 @@ class LRHealthMonitor(Callback):
         # The largest LR over the groups: an explosion is forgiven once it is halved.
         self.rules.add_loss(mean, max((float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups), default=None))
         stats[f"{PREFIX}/train_loss"] = mean  # what the rules judged: the mean since the last check
-        for opt, keys, saved in zip(trainer.optimizers, group_keys(trainer.optimizers), before):
-            for group, key, old in zip(opt.param_groups, keys, saved):
-                new = [p for p in group["params"] if p.grad is not None]
-                ratio = _update_ratio(old, new)
+        for opt, keys, measure in zip(trainer.optimizers, group_keys(trainer.optimizers), before):
+            for group, key, ratio in zip(opt.param_groups, keys, measure.ratios(opt)):
                 ratios = self.ratios.setdefault(key, deque(maxlen=self._history))
                 ratios.append(ratio)
                 status, why = self.rules.verdict(list(ratios))
@@ -150,11 +150,49 @@ class LRHealthMonitor(Callback):
             logger.log_metrics(stats, step=trainer.global_step)
 
 
-def _update_ratio(old: list[torch.Tensor], new: list[torch.Tensor]) -> float:
-    """``||new - old|| / ||old||`` over a group's tensors (inf when the weights were all zero)."""
-    if not old or len(old) != len(new):
-        return float("nan")
-    with torch.no_grad():
-        delta = math.sqrt(sum(float((n.detach().float() - o.float()).pow(2).sum()) for o, n in zip(old, new)))
-        norm = math.sqrt(sum(float(o.float().pow(2).sum()) for o in old))
+def _ratio(delta: float, norm: float) -> float:
+    """``delta / norm``; inf when the weights were all zero and moved."""
     return delta / norm if norm > 0 else (0.0 if delta == 0 else math.inf)
+
+
+class _Copies:
+    """A check's measurement for any optimizer: each group's weights copied before the step, then
+    ``||new - old|| / ||old||`` over the group's tensors that have gradients (nan for none)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            self.old = [[p.detach().clone() for p in g["params"] if p.grad is not None] for g in opt.param_groups]
+
+    def ratios(self, opt: torch.optim.Optimizer) -> list[float]:
+        out = []
+        for group, old in zip(opt.param_groups, self.old):
+            new = [p for p in group["params"] if p.grad is not None]
+            if not old or len(old) != len(new):
+                out.append(float("nan"))
+                continue
+            with torch.no_grad():
+                delta = math.sqrt(sum(float((n.detach().float() - o.float()).pow(2).sum()) for o, n in zip(old, new)))
+                norm = math.sqrt(sum(float(o.float().pow(2).sum()) for o in old))
+            out.append(_ratio(delta, norm))
+        return out
+
+
+class _KernelStats:
+    """A check's measurement for lrfuse's optimizers: the step measures itself in the kernel's pass
+    (``track_stats``, on for that step only), with no copy of the weights and no second pass."""
+
+    @staticmethod
+    def serves(opt: torch.optim.Optimizer) -> bool:
+        # The CPU kernels and the reference path measure; the CUDA kernels do not yet, and
+        # DTensor shards would need their sums all-reduced: those take the copies.
+        return isinstance(opt, _FusedStep) and all(
+            p.device.type == "cpu" and not isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.was, opt.track_stats = opt.track_stats, True
+
+    def ratios(self, opt: torch.optim.Optimizer) -> list[float]:
+        stats = opt.group_stats()
+        opt.track_stats = self.was
+        return [_ratio(s["update_norm"], s["param_norm"]) if any(p.grad is not None for p in g["params"])
+                else float("nan") for g, s in zip(opt.param_groups, stats)]

@@ -3,11 +3,14 @@
 ``torch.ops.lrfuse.fused_<rule>_`` updates every tensor of every parameter group on one device in
 one call, for each rule of :mod:`lrfuse.ops.rules` (adam, rmsprop, sgd, adagrad, adadelta):
 
-    fused_<rule>_(params, grads, *state_lists, [steps,] group_of, hyper, grad_scale=None, found_inf=None)
+    fused_<rule>_(params, grads, *state_lists, [steps,] group_of, hyper, grad_scale=None, found_inf=None,
+                  stats=None)
 
 ``hyper`` is a float64 table with one row per group (the rule's columns); ``group_of[i]`` names
 the row tensor ``i`` reads. Optional state lists are empty (feature off) or hold one tensor per
-parameter; ``steps`` is there for rules that count steps. Without a built extension :func:`op`
+parameter; ``steps`` is there for rules that count steps. ``stats``, when given, is a float64
+table (a row per row of ``hyper``) to which the step adds each row's squared update, squared
+parameter, squared gradient and count of non-finite gradient elements. Without a built extension :func:`op`
 runs the pure-PyTorch reference (:mod:`lrfuse.ops.reference`), with one warning.
 """
 

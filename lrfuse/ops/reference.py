@@ -26,9 +26,17 @@ def _check_written(op: str, names: tuple[str, ...], lists: list[list[torch.Tenso
                                    "give it memory of its own (e.g. .clone())")
 
 
-def fused(rule: Rule, params, grads, states, steps, group_of, hyper, grad_scale=None, found_inf=None) -> None:
-    """``rule``'s op: ``states`` are its state lists in order, ``steps`` None for a rule without."""
-    _check_written(f"fused_{rule.name}_", ("params", *rule.all_states), [params, *states])
+def fused(rule: Rule, params, grads, states, steps, group_of, hyper, grad_scale=None, found_inf=None,
+          stats=None) -> None:
+    """``rule``'s op: ``states`` are its state lists in order, ``steps`` None for a rule without;
+    ``stats`` None, or the float64 table (a row per row of ``hyper``) the step's sums are added to:
+    squared update as applied, squared parameter before the step, squared gradient as used
+    (unscaled, before weight decay), count of non-finite gradient elements."""
+    op = f"fused_{rule.name}_"
+    _check_written(op, ("params", *rule.all_states), [params, *states])
+    if stats is not None and (stats.dtype != torch.float64 or tuple(stats.shape) != (hyper.shape[0], 4)):
+        raise RuntimeError(f"{op}: stats must be a contiguous float64 table of shape ({hyper.shape[0]}, 4), one row "
+                           f"per row of hyper, got {stats.dtype} of shape {tuple(stats.shape)}")
     if found_inf is not None and bool(found_inf.item()):
         return
     rows = hyper.tolist()
@@ -41,12 +49,16 @@ def fused(rule: Rule, params, grads, states, steps, group_of, hyper, grad_scale=
         g = _opmath(grads[i])
         if grad_scale is not None:
             g = g / grad_scale.to(g.dtype)
-        if row["maximize"]:
-            g = -g
+        if stats is not None:
+            before = param.to(torch.float64, copy=True)
+            used = g.to(torch.float64)
         p = _opmath(param)
         s = [_opmath(lst[i]) if lst else None for lst in states]
-        rule.reference(p, g, s, row, step)
+        rule.reference(p, -g if row["maximize"] else g, s, row, step)
         param.copy_(p)
+        if stats is not None:
+            stats[group_of[i]] += torch.stack([(param.to(torch.float64) - before).square().sum(), before.square().sum(),
+                                               used.square().sum(), (~used.isfinite()).sum().to(torch.float64)])
         for lst, value in zip(states, s):
             if lst:
                 lst[i].copy_(value)

@@ -81,9 +81,14 @@ class _FusedStep:
         """A new state tensor ``key`` for ``p`` (zeros, as torch starts most state)."""
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def __init__(self, params, *args, **kwargs) -> None:
+    def __init__(self, params, *args, track_stats: bool = False, **kwargs) -> None:
+        if not isinstance(track_stats, bool):
+            raise TypeError(f"{type(self).__name__}: track_stats must be True or False, got {track_stats!r}")
         super().__init__(params, *args, **kwargs)
         self._cache = StepCache()  # an attribute: dynamo before torch 2.15 cannot trace __dict__.setdefault
+        self.track_stats = track_stats
+        self._stats: dict[torch.device, Tensor] = {}  # per device: the kernel's sums of the last step
+        self._stats_skipped: Tensor | None = None     # that step's found_inf, if GradScaler gave one
         for group in self.param_groups:
             if group.get("differentiable"):
                 raise ValueError(f"{type(self).__name__} does not support differentiable=True; "
@@ -95,6 +100,9 @@ class _FusedStep:
         # load_state_dict keeps it (the hyper tables keep their addresses for captured CUDA graphs).
         if "_cache" not in self.__dict__:
             self._cache = StepCache()
+        self.__dict__.setdefault("track_stats", False)
+        self.__dict__.setdefault("_stats", {})
+        self.__dict__.setdefault("_stats_skipped", None)
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -161,6 +169,8 @@ class _FusedStep:
         plan, grads = self._plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        stats = self._zeroed_stats(plan) if self.track_stats else {}
+        self._stats_skipped = found_inf
         if plan.first_steps and found_inf is not None and bool(found_inf.item()):
             # GradScaler skips this step. torch's SGD never sees a skipped step, so the momentum
             # buffers made for it must stay absent: the next step starts them from its gradient.
@@ -177,6 +187,7 @@ class _FusedStep:
                     call.params, call.grads, *call.states, *steps, call.group_of, self._hyper(device),
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
+                    stats.get(device),
                 )
             except NotImplementedError:
                 # A sparse gradient dispatches the op away from its kernels before anything is
@@ -186,6 +197,61 @@ class _FusedStep:
             if torch.compiler.is_compiling():
                 self._copy_back_complex(call)
         return loss
+
+    def _zeroed_stats(self, plan: Plan) -> dict[torch.device, Tensor]:
+        """The stats tables this step's calls add to, one per device (a row per hyper-table row),
+        zeroed: a step that adds nothing (skipped, no gradients) reports zeros."""
+        rows = len(self.param_groups) * (2 if self._first_step_rows else 1)
+        for device in {device for device, _ in plan.calls}:
+            table = self._stats.get(device)
+            if table is None or table.shape[0] != rows:
+                self._stats[device] = torch.zeros(rows, 4, dtype=torch.float64, device=device)
+        for table in self._stats.values():
+            table.zero_()
+        return self._stats
+
+    def group_stats_tensor(self) -> Tensor:
+        """The last step's statistics per parameter group as one float64 tensor of shape
+        ``(len(param_groups), 5)``, without a host sync: columns ``update_norm``, ``param_norm``,
+        ``grad_norm``, ``nonfinite``, ``update_ratio`` (see :meth:`group_stats`). On the device of
+        the parameters (the first device's, where groups span several)."""
+        if not self.track_stats:
+            raise RuntimeError(f"{type(self).__name__} measures its steps only when constructed with "
+                               "track_stats=True")
+        groups = len(self.param_groups)
+        tables = list(self._stats.values())
+        if not tables:
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            tables = [torch.zeros(groups, 4, dtype=torch.float64, device=device)]
+        sums = tables[0].clone()
+        for table in tables[1:]:
+            sums += table.to(sums.device)
+        if sums.shape[0] != groups:  # SGD's first-step rows (see _first_step_rows) belong to their group
+            sums = sums[:groups] + sums[groups:]
+        norms = sums[:, :3].sqrt()
+        ratio = torch.where(norms[:, 1] > 0, norms[:, 0] / norms[:, 1], torch.zeros_like(norms[:, 0]))
+        return torch.cat([norms, sums[:, 3:], ratio[:, None]], dim=1)
+
+    def group_stats(self) -> list[dict]:
+        """What the last step measured, one dict per parameter group in ``param_groups`` order,
+        from the same pass as the update (``track_stats=True``):
+
+        - ``update_norm``: L2 norm over the group of (parameter after the step - before it), as applied;
+        - ``param_norm``: L2 norm of the group's parameters before the step;
+        - ``grad_norm``: L2 norm of the gradients the step used (after GradScaler's unscale, before
+          weight decay);
+        - ``nonfinite``: how many gradient elements were inf or NaN;
+        - ``update_ratio``: ``update_norm / param_norm`` (0 where ``param_norm`` is 0);
+        - ``skipped``: whether GradScaler skipped the step (every figure is then 0).
+
+        Groups without gradients report zeros. Sums are per process: under FSDP2 / DTensor they
+        cover the local shards (``LRHealthMonitor`` all-reduces them). One host sync; for logging
+        every N steps without one, :meth:`group_stats_tensor`.
+        """
+        rows = self.group_stats_tensor().tolist()
+        skipped = self._stats_skipped is not None and bool(self._stats_skipped.item())
+        keys = ("update_norm", "param_norm", "grad_norm", "nonfinite", "update_ratio")
+        return [{**dict(zip(keys, row)), "nonfinite": int(row[3]), "skipped": skipped} for row in rows]
 
     def _plan(self) -> tuple[Plan, list[Tensor | None]]:
         """The native calls of this step, and the gradients of every parameter in group order.

@@ -162,3 +162,31 @@ def test_loss_is_logged_beside_the_verdicts(tmp_path):
     monitor, logger = run(tmp_path, Tiny(lr=1e-2))
     losses = [row["lr_health/train_loss"] for _, row in logger.rows if "lr_health/train_loss" in row]
     assert len(losses) == monitor.rules.state_dict()["count"] > 3 and losses[-1] < losses[0]
+
+
+def test_lrfuse_optimizers_are_measured_by_the_kernel_with_the_ratios_of_the_copies(tmp_path, monkeypatch):
+    # The same run twice: once with lrfuse's kernel measuring the checked steps (no weights copied),
+    # once forced onto the copies every other optimizer takes. Same ratios; track_stats is on for
+    # the checked steps only.
+    from lrfuse.lightning import health
+
+    def fit():
+        pl.seed_everything(0, verbose=False)
+        return run(tmp_path, Tiny(lr=1e-2, groups=True), steps=12)[0]
+
+    copies = []
+    monkeypatch.setattr(health._Copies, "__init__",
+                        lambda self, opt, init=health._Copies.__init__: (copies.append(opt), init(self, opt))[1])
+    measured = []  # the steps that ran with track_stats on (Lightning runs the hooks inside step's closure)
+    zeroed = lrfuse.FusedAdam._zeroed_stats
+    monkeypatch.setattr(lrfuse.FusedAdam, "_zeroed_stats",
+                        lambda self, plan: (measured.append(self.track_stats), zeroed(self, plan))[1])
+    kernel = fit()
+    assert copies == [] and len(measured) == 6
+    monkeypatch.setattr(health._KernelStats, "serves", staticmethod(lambda opt: False))
+    copied = fit()
+    assert len(copies) == 6
+    assert kernel.ratios.keys() == copied.ratios.keys() == {"FusedAdam/body", "FusedAdam/head"}
+    for key in kernel.ratios:
+        assert list(kernel.ratios[key]) == pytest.approx(list(copied.ratios[key]), rel=1e-5)
+        assert len(kernel.ratios[key]) == 6 and all(r > 0 for r in kernel.ratios[key])
