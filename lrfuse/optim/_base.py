@@ -88,7 +88,9 @@ class _FusedStep:
         self._cache = StepCache()  # an attribute: dynamo before torch 2.15 cannot trace __dict__.setdefault
         self.track_stats = track_stats
         self._stats: dict[torch.device, Tensor] = {}  # per device: the kernel's sums of the last step
-        self._stats_skipped: Tensor | None = None     # that step's found_inf, if GradScaler gave one
+        # That step's found_inf, if GradScaler gave one: a list changed in place, as dynamo before
+        # torch 2.12 refuses an attribute set inside a compiled step.
+        self._stats_found_inf: list[Tensor | None] = [None]
         for group in self.param_groups:
             if group.get("differentiable"):
                 raise ValueError(f"{type(self).__name__} does not support differentiable=True; "
@@ -102,7 +104,7 @@ class _FusedStep:
             self._cache = StepCache()
         self.__dict__.setdefault("track_stats", False)
         self.__dict__.setdefault("_stats", {})
-        self.__dict__.setdefault("_stats_skipped", None)
+        self.__dict__.setdefault("_stats_found_inf", [None])
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -169,8 +171,10 @@ class _FusedStep:
         plan, grads = self._plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        stats = self._zeroed_stats(plan) if self.track_stats else {}
-        self._stats_skipped = found_inf
+        stats = {}
+        if self.track_stats:
+            stats = self._zeroed_stats(plan)
+            self._stats_found_inf[0] = found_inf
         if plan.first_steps and found_inf is not None and bool(found_inf.item()):
             # GradScaler skips this step. torch's SGD never sees a skipped step, so the momentum
             # buffers made for it must stay absent: the next step starts them from its gradient.
@@ -249,7 +253,8 @@ class _FusedStep:
         every N steps without one, :meth:`group_stats_tensor`.
         """
         rows = self.group_stats_tensor().tolist()
-        skipped = self._stats_skipped is not None and bool(self._stats_skipped.item())
+        found_inf = self._stats_found_inf[0]
+        skipped = found_inf is not None and bool(found_inf.item())
         keys = ("update_norm", "param_norm", "grad_norm", "nonfinite", "update_ratio")
         return [{**dict(zip(keys, row)), "nonfinite": int(row[3]), "skipped": skipped} for row in rows]
 
