@@ -43,7 +43,7 @@ test-others: $(VENV)/.built
 # distributed tests (FSDP2, tensor parallel, DCP). The LR tools and the Ray search sit on top of
 # these and run once, in `make test`.
 TORCH_TESTS := tests/test_ops.py tests/test_parity.py tests/test_torch_suite.py tests/test_drop_in.py \
-	tests/test_errors.py tests/test_state_dict.py tests/test_step_cache.py tests/test_groups.py \
+	tests/test_errors.py tests/test_state_dict.py tests/test_step_cache.py tests/test_groups.py tests/test_stats.py \
 	tests/test_launch_plan.py tests/test_distributed.py tests/lightning/test_optimizers.py \
 	tests/lightning/test_precision.py tests/lightning/test_sharded.py
 
