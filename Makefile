@@ -88,7 +88,7 @@ $(VENV)/.deps:
 # --no-build-isolation: compile against the torch installed above, not a fresh one.
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
-	$(VENV)/bin/lrfuse --version
+	TORCHINDUCTOR_CACHE_DIR=$(abspath $(VENV))/inductor $(VENV)/bin/lrfuse --version  # importing Lightning makes inductor's folder: in the venv, not /tmp
 	touch $@
 
 clean:
