@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 
 from lrfuse.ops import reference
-from lrfuse.ops.rules import RULES, Rule
+from lrfuse.ops.rules import RULES, STAT_COLUMNS, Rule
 
-__all__ = ["RULES", "Rule", "backend", "cpu_isa", "hold_refs", "kept_grads", "op"]
+__all__ = ["RULES", "STAT_COLUMNS", "Rule", "backend", "cpu_isa", "hold_refs", "kept_grads", "op"]
 
 try:
     from lrfuse import _C  # registers torch.ops.lrfuse.*

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lrfuse.ops.rules import Rule
+from lrfuse.ops.rules import STAT_COLUMNS, Rule
 
 
 def _opmath(t: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,9 @@ def fused(rule: Rule, params, grads, states, steps, group_of, hyper, grad_scale=
     (unscaled, before weight decay), count of non-finite gradient elements."""
     op = f"fused_{rule.name}_"
     _check_written(op, ("params", *rule.all_states), [params, *states])
-    if stats is not None and (stats.dtype != torch.float64 or tuple(stats.shape) != (hyper.shape[0], 4)):
-        raise RuntimeError(f"{op}: stats must be a contiguous float64 table of shape ({hyper.shape[0]}, 4), one row "
+    columns = len(STAT_COLUMNS)
+    if stats is not None and (stats.dtype != torch.float64 or tuple(stats.shape) != (hyper.shape[0], columns)):
+        raise RuntimeError(f"{op}: stats must be a contiguous float64 table of shape ({hyper.shape[0]}, {columns}), one row "
                            f"per row of hyper, got {stats.dtype} of shape {tuple(stats.shape)}")
     if found_inf is not None and bool(found_inf.item()):
         return

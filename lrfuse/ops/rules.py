@@ -103,6 +103,11 @@ def _adadelta(p, g, s, row, step):
     p.add_(delta, alpha=-row["lr"])
 
 
+# The columns of a fused op's `stats` table, in order (csrc/fused_op.h's Stat): sums over a
+# row's tensors of the squared update as applied, the squared parameter before the step, the
+# squared gradient as used (unscaled, before weight decay), and the non-finite gradient count.
+STAT_COLUMNS = ("update_sq", "param_sq", "grad_sq", "nonfinite")
+
 RULES = {rule.name: rule for rule in (
     Rule("adam", ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "decoupled"),
          ("exp_avg", "exp_avg_sq"), ("max_exp_avg_sq",), True, _adam),

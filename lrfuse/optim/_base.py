@@ -209,7 +209,7 @@ class _FusedStep:
         for device in {device for device, _ in plan.calls}:
             table = self._stats.get(device)
             if table is None or table.shape[0] != rows:
-                self._stats[device] = torch.zeros(rows, 4, dtype=torch.float64, device=device)
+                self._stats[device] = torch.zeros(rows, len(ops.STAT_COLUMNS), dtype=torch.float64, device=device)
         for table in self._stats.values():
             table.zero_()
         return self._stats
@@ -226,7 +226,7 @@ class _FusedStep:
         tables = list(self._stats.values())
         if not tables:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            tables = [torch.zeros(groups, 4, dtype=torch.float64, device=device)]
+            tables = [torch.zeros(groups, len(ops.STAT_COLUMNS), dtype=torch.float64, device=device)]
         sums = tables[0].clone()
         for table in tables[1:]:
             sums += table.to(sums.device)
@@ -249,7 +249,7 @@ class _FusedStep:
         - ``skipped``: whether GradScaler skipped the step (every figure is then 0).
 
         Groups without gradients report zeros. Sums are per process: under FSDP2 / DTensor they
-        cover the local shards (``LRHealthMonitor`` all-reduces them). One host sync; for logging
+        cover the local shards only (``LRHealthMonitor`` copies DTensor weights instead). One host sync; for logging
         every N steps without one, :meth:`group_stats_tensor`.
         """
         rows = self.group_stats_tensor().tolist()
