@@ -46,6 +46,14 @@ struct FusedCall {
   const std::optional<at::Tensor>& stats;
 };
 
+// Whether `b`'s elements lie in `a`'s order (the same stride wherever `a`'s size is above 1):
+// both backends update a dense tensor and operands laid out like it in one flat pass.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 template <typename Rule>
 std::string op_name() {
   return std::string("fused_") + Rule::kName + "_";

@@ -2,7 +2,7 @@
 
 For each algorithm of the parity suite (``parity.ALGORITHMS``, at its settings with every state in
 use), two CPU processes (gloo) run this file as a script and go through every
-case (one start-up serves the three tests of that pair). They rendezvous through a TCPStore served
+case (one start-up serves the four tests of that pair). They rendezvous through a TCPStore served
 on a socket the test binds to 127.0.0.1 (nothing listens on another address; gloo is kept on the
 loopback interface too), compare against a single-process ``torch.optim`` reference (foreach=False)
 on the same initial weights and data, and write what they found (differences, or each case's
@@ -194,7 +194,36 @@ def _case_checkpoint(spec: dict, mesh, out: dict, tmp: Path) -> None:
     out["max_abs"] = [(a - b).abs().max().item() for a, b in zip(got, expected)]
 
 
-CASES = {"fsdp2": _case_fsdp2, "tp": _case_tp, "checkpoint": _case_checkpoint}
+def _case_stats(spec: dict, mesh, out: dict, tmp: Path) -> None:
+    """``LRHealthMonitor``'s kernel figures (update ratio, gradient norm per group) under FSDP2: each
+    rank's shard sums all-reduced, against the same optimizer on the unsharded model."""
+    from lrfuse.lightning.health import _KernelStats
+
+    sizes = (8, 16, 16, 4)
+    model, ref = _fsdp_model(sizes, 0, mesh), _mlp(sizes, 0)
+    fused = _load(spec["fused"])
+    opt, ref_opt = (fused(_groups(m, spec["lrs"]), **spec["kwargs"]) for m in (model, ref))
+    rank, half = torch.distributed.get_rank(), 8 // WORLD
+    rows: list = []
+    for step in range(STEPS):
+        x, y = _batch(step, sizes[0], sizes[-1])
+        figures = []
+        for m, o, xs, ys in ((model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]),
+                             (ref, ref_opt, x, y)):
+            assert _KernelStats.serves(o), "the kernel's figures should serve this model"
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(xs), ys).backward()
+            measure = _KernelStats(o)
+            o.step()
+            figures.append(measure.figures(o))
+        for g, (mine, theirs) in enumerate(zip(*figures)):
+            for what, a, b in zip(("update_ratio", "grad_norm"), mine, theirs):
+                rows.append({"where": f"step {step} group {g} {what}: {a} vs {b}", "max_abs": abs(a - b),
+                             "close": bool(b > 0 and abs(a - b) <= RTOL * b)})
+    out["rows"] = rows
+
+
+CASES = {"fsdp2": _case_fsdp2, "tp": _case_tp, "checkpoint": _case_checkpoint, "stats": _case_stats}
 
 
 def _worker(cases: str, spec: str, rank: int, port: int, listen_fd: int, out_dir: str) -> int:
@@ -248,7 +277,7 @@ def _spec(name: str) -> dict:
 
 
 def _spawn(name: str, out_dir: Path, timeout: float = 600.0) -> list[dict]:
-    """Both ranks run every case for one algorithm (one start-up for the three tests)."""
+    """Both ranks run every case for one algorithm (one start-up for the four tests)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -330,6 +359,14 @@ def test_fsdp2_two_groups_matches_single_process(name, spawned):
 def test_tensor_parallel_matches_single_process(name, spawned):
     """ColwiseParallel / RowwiseParallel MLP on a 1-D CPU mesh: same comparison."""
     _assert_rows(spawned(name, "tp"))
+
+
+@distributed
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_fsdp2_kernel_stats_match_single_process(name, spawned):
+    """track_stats under FSDP2, read as LRHealthMonitor reads it (shard sums all-reduced over the
+    mesh): each group's update ratio and gradient norm equal the unsharded model's."""
+    _assert_rows(spawned(name, "stats"))
 
 
 @distributed

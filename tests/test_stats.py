@@ -2,8 +2,8 @@
 gradient norms and its count of non-finite gradient elements, from the kernel's own pass,
 against the same figures computed with torch from the parameters before and after the step.
 
-Every algorithm of ``parity.ALGORITHMS`` on every backend: the native CPU kernels and the
-reference path measure; the CUDA kernels (emulated here, and the GPU) do not yet, and say so.
+Every algorithm of ``parity.ALGORITHMS`` on every backend: the native CPU kernels, the
+reference path and the CUDA kernels (emulated here, and the GPU where there is one).
 """
 
 from __future__ import annotations
@@ -75,18 +75,9 @@ def _expected(before: list[list[torch.Tensor]], opt) -> list[dict]:
     return out
 
 
-def _measures(backend_name: str) -> bool:
-    return backend_name in ("native", "reference")
-
-
 @pytest.mark.parametrize("name", list(ALGORITHMS))
-def test_stats_are_the_norms_torch_computes(name, backend, request):
+def test_stats_are_the_norms_torch_computes(name, backend):
     opt = _make(name, backend)
-    if not _measures(request.node.callspec.params["backend"]):
-        _set_grads(opt, 0)
-        with pytest.raises(RuntimeError, match="not measured by the CUDA kernels yet; use track_stats=False"):
-            opt.step()
-        return
     for step in range(3):
         _set_grads(opt, step)
         before = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
@@ -114,6 +105,45 @@ def test_nonfinite_gradients_are_counted(name):
     opt.param_groups[2]["params"][0].grad[3] = float("-inf")  # bfloat16
     opt.step()
     assert [s["nonfinite"] for s in opt.group_stats()] == [2, 0, 1, 0]
+
+
+def _many_tensors(device: torch.device) -> list[dict]:
+    """Two groups, interleaved: 700 small tensors (past one CUDA launch's ~500 tensor slots) and
+    one of 200,000 elements (four CUDA blocks), so sums cross blocks and launches."""
+    g = torch.Generator().manual_seed(1)
+    small = [leaf(torch.randn(8, generator=g).to(device)) for _ in range(700)]
+    big = leaf(torch.randn(200_000, generator=g).to(device))
+    return [{"params": small[0::2], "lr": 1e-2}, {"params": [*small[1::2], big], "lr": 3e-3}]
+
+
+def _measured_step(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    opt = lrfuse.FusedAdam(_many_tensors(device), track_stats=True)
+    g = torch.Generator().manual_seed(2)
+    for p in (p for group in opt.param_groups for p in group["params"]):
+        p.grad = torch.randn(p.shape, generator=g).to(device)
+    opt.step()
+    return opt.group_stats_tensor().cpu(), [p.detach().cpu() for group in opt.param_groups for p in group["params"]]
+
+
+def test_sums_across_blocks_and_launches_are_the_same_bits_every_run(backend, monkeypatch):
+    stats, params = _measured_step(backend)
+    again, _ = _measured_step(backend)
+    assert torch.equal(stats, again)
+    monkeypatch.undo()  # the native CPU kernels, checked against torch above, as the yardstick
+    want, want_params = _measured_step(torch.device("cpu"))
+    torch.testing.assert_close(stats, want, rtol=1e-6, atol=0)
+    for p, q in zip(params, want_params):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_skipped_step_adds_nothing_to_the_stats(backend):
+    args = list(op_args(lrfuse.ops.RULES["adam"], backend))
+    args[-1] = torch.ones((), device=backend)  # found_inf
+    params = [p.clone() for p in args[0]]
+    stats = torch.full((2, len(lrfuse.ops.STAT_COLUMNS)), 7.0, dtype=torch.float64, device=backend)
+    lrfuse.FusedAdam._op(*args, stats)
+    assert torch.equal(stats, torch.full_like(stats, 7.0))
+    assert all(torch.equal(p, q) for p, q in zip(params, args[0]))
 
 
 def test_the_same_step_gives_the_same_bits_at_any_thread_count():

@@ -18,6 +18,8 @@
 #include <array>
 #include <vector>
 
+#include "../fused_op.h"
+
 namespace lrfuse::cpu {
 
 constexpr int kMaxOperands = 5;  // parameter, gradient, up to three state tensors
@@ -141,12 +143,6 @@ class Plan {
   }
 
  private:
-  static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-    for (int64_t d = 0; d < a.dim(); ++d)
-      if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-    return true;
-  }
-
   static bool shares_dense_layout(const std::array<const at::Tensor*, kMaxOperands>& ops) {
     if (!ops[0]->is_non_overlapping_and_dense()) return false;
     for (int k = 1; k < kMaxOperands; ++k)

@@ -4,6 +4,8 @@
 // (tests/cuda_emulator.cpp). A Launcher has
 //   template <typename Block> static void launch(const typename Block::Meta&, int blocks, const Common&);
 //   static void increment_steps(const std::vector<float*>& steps, const float* found_inf);
+//   static void sum_stats(const double* rows, int64_t nrows, double* stats, int groups, const float* found_inf);
+// (the last adds each group's BlockStats rows into its row of `stats`; see kernels.h).
 //
 // Steps: a tensor that fits in one chunk is owned by one block, which reads the step and writes
 // step + 1 itself. A tensor of several chunks is read by several blocks, maybe across launches,
@@ -65,6 +67,13 @@ class MultiTensorCall {
     }
   }
 
+  // How many blocks the launches have in all (one per chunk of each tensor).
+  int64_t blocks() const {
+    int64_t n = 0;
+    for (const Entry& e : entries_) n += (e.slot.numel + kChunkSize - 1) / kChunkSize;
+    return n;
+  }
+
   // The dtypes of the parameters, in order of first appearance: one `run` each.
   std::vector<at::ScalarType> dtypes() const {
     std::vector<at::ScalarType> out;
@@ -101,66 +110,65 @@ class MultiTensorCall {
     TensorSlot<kDepth> slot;
   };
 
-  static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-    for (int64_t d = 0; d < a.dim(); ++d)
-      if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-    return true;
-  }
-
   std::vector<Entry> entries_;
   std::vector<float*> late_steps_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;
 };
 
-inline Common common_of(const at::Tensor& hyper, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-  return {hyper.data_ptr<double>(), grad_scale ? grad_scale->data_ptr<float>() : nullptr,
-          found_inf ? found_inf->data_ptr<float>() : nullptr};
+inline Common common_of(const FusedCall& call) {
+  return {call.hyper.data_ptr<double>(), call.grad_scale ? call.grad_scale->data_ptr<float>() : nullptr,
+          call.found_inf ? call.found_inf->data_ptr<float>() : nullptr, nullptr};
 }
 
 // Every tensor of the lists through `Kernel`: one launch per dtype present (more past a launch's
-// capacity), then the late steps, then the temporaries.
+// capacity), then the late steps, then each group's stats when measured, then the temporaries.
 template <typename Launcher, typename Kernel>
-void fused_launches(const std::array<at::TensorList, Kernel::kDepth>& lists, at::TensorList steps,
-                    at::IntArrayRef group_of, const Common& common) {
-  MultiTensorCall<Kernel::kDepth> call(lists, steps, group_of);
+void fused_launches(const std::array<at::TensorList, Kernel::kDepth>& lists, const FusedCall& fused_call) {
+  MultiTensorCall<Kernel::kDepth> call(lists, fused_call.steps, fused_call.group_of);
+  Common common = common_of(fused_call);
+  at::Tensor rows;  // a measured call's BlockStats, each block's row in launch order
+  if (fused_call.stats) {
+    rows = at::empty({call.blocks(), BlockStats::kWidth}, fused_call.stats->options());
+    common.block_stats = rows.data_ptr<double>();
+  }
   for (const at::ScalarType dtype : call.dtypes()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lrfuse_fused_launches", [&] {
       using Block = typename Kernel::template Block<scalar_t>;
       call.run(dtype, [&](const typename Kernel::Meta& meta, int blocks) {
         Launcher::template launch<Block>(meta, blocks, common);
+        if (common.block_stats) common.block_stats += static_cast<int64_t>(blocks) * BlockStats::kWidth;
       });
     });
   }
   Launcher::increment_steps(call.late_steps(), common.found_inf);
+  if (fused_call.stats && rows.size(0) > 0)
+    Launcher::sum_stats(rows.data_ptr<double>(), rows.size(0), fused_call.stats->data_ptr<double>(),
+                        static_cast<int>(fused_call.stats->size(0)), common.found_inf);
   call.copy_back();
 }
 
-// Launches every tensor of `lists` through `RuleKernel<Rule, kPresent>` (the lists present).
+// Launches every tensor of the call through `RuleKernel<Rule, kPresent>` (the lists present).
 template <typename Launcher, typename Rule, unsigned kPresent>
-void fused_present(const FusedCall& call, const Common& common) {
+void fused_present(const FusedCall& call) {
   using Kernel = RuleKernel<Rule, kPresent>;
   std::array<at::TensorList, Kernel::kDepth> lists;
   lists[0] = call.params;
   lists[1] = call.grads;
   for (int k = 0; k < Kernel::kStates; ++k)
     if (state_present<Rule>(kPresent, k)) lists[Kernel::slot(k)] = call.states[k];
-  fused_launches<Launcher, Kernel>(lists, call.steps, call.group_of, common);
+  fused_launches<Launcher, Kernel>(lists, call);
 }
 
 template <typename Launcher, typename Rule, size_t... kPresent>
-void fused_dispatch(unsigned present, const FusedCall& call, const Common& common, std::index_sequence<kPresent...>) {
+void fused_dispatch(unsigned present, const FusedCall& call, std::index_sequence<kPresent...>) {
   // One kernel per combination of optional states: the matching one runs.
-  ((present == kPresent ? fused_present<Launcher, Rule, kPresent>(call, common) : void()), ...);
+  ((present == kPresent ? fused_present<Launcher, Rule, kPresent>(call) : void()), ...);
 }
 
 // An op's body after the argument checks (checks.h).
 template <typename Launcher, typename Rule>
-void fused(const FusedCall& call, const Common& common) {
-  // The measured step (issue 21) has its CPU kernel and reference; the CUDA kernels come next.
-  TORCH_CHECK(!call.stats, op_name<Rule>(), ": stats (track_stats=True) are not measured by the CUDA kernels yet; ",
-              "use track_stats=False for CUDA parameters");
-  fused_dispatch<Launcher, Rule>(present_optional<Rule>(call), call, common,
+void fused(const FusedCall& call) {
+  fused_dispatch<Launcher, Rule>(present_optional<Rule>(call), call,
                                  std::make_index_sequence<1u << Rule::kOptionalStates.size()>());
 }
 

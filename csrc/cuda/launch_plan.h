@@ -32,6 +32,7 @@ struct Common {
   const double* hyper;      // (groups, columns) float64
   const float* grad_scale;  // null: gradients are not scaled
   const float* found_inf;   // null or 0: apply the step; otherwise skip everything
+  double* block_stats;      // null: not measured; else this launch's first row of kernels.h's BlockStats
 };
 
 template <int kDepth>

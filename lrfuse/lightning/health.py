@@ -51,8 +51,8 @@ class LRHealthMonitor(Callback):
 
     Every ``every_n_steps`` optimizer steps it measures each group's update-to-weight ratio and the
     training loss (mean over ranks), applies :class:`~lrfuse.lr_health.HealthRules`, logs to every logger
-    ``lr_health/<key>/lr``, ``lr_health/<key>/update_ratio`` and ``lr_health/<key>/verdict``
-    (+1 too high, 0 ok, -1 too low), and ``lr_health/train_loss`` (the mean training loss since the
+    ``lr_health/<key>/lr``, ``lr_health/<key>/update_ratio``, ``lr_health/<key>/grad_norm`` (of the
+    gradients the step used) and ``lr_health/<key>/verdict`` (+1 too high, 0 ok, -1 too low), and ``lr_health/train_loss`` (the mean training loss since the
     last check, which the rules read), and warns once each time a group's verdict turns bad. ``key``
     is the group's (:func:`group_keys`): ``FusedAdam/pg1``, or ``FusedAdam-1/pg1`` with several
     optimizers; the ``lr_health/`` prefix keeps these apart from Lightning's ``LearningRateMonitor``
@@ -62,9 +62,9 @@ class LRHealthMonitor(Callback):
     run judges as the uninterrupted one would.
 
     Args:
-        every_n_steps: check period in optimizer steps. lrfuse's optimizers on the CPU measure a
-            check's step in the kernel's own pass; any other optimizer's weights are copied once
-            per check.
+        every_n_steps: check period in optimizer steps. lrfuse's optimizers measure a check's
+            step in the kernel's own pass (under FSDP2 too: the shards' sums are all-reduced); any
+            other optimizer's weights are copied once per check.
         rules: the thresholds (:class:`~lrfuse.lr_health.HealthRules`; default: its defaults). From
             the command line: ``--trainer.callbacks.rules.high_ratio 0.2``.
         warn: warn when a verdict turns bad.
@@ -134,7 +134,7 @@ class LRHealthMonitor(Callback):
         self.rules.add_loss(mean, max((float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups), default=None))
         stats[f"{PREFIX}/train_loss"] = mean  # what the rules judged: the mean since the last check
         for opt, keys, measure in zip(trainer.optimizers, group_keys(trainer.optimizers), before):
-            for group, key, ratio in zip(opt.param_groups, keys, measure.ratios(opt)):
+            for group, key, (ratio, grad_norm) in zip(opt.param_groups, keys, measure.figures(opt)):
                 ratios = self.ratios.setdefault(key, deque(maxlen=self._history))
                 ratios.append(ratio)
                 status, why = self.rules.verdict(list(ratios))
@@ -145,6 +145,7 @@ class LRHealthMonitor(Callback):
                 self.status[key], self.reasons[key] = status, why
                 stats[f"{PREFIX}/{key}/lr"] = float(group["lr"])
                 stats[f"{PREFIX}/{key}/update_ratio"] = ratio
+                stats[f"{PREFIX}/{key}/grad_norm"] = grad_norm
                 stats[f"{PREFIX}/{key}/verdict"] = _CODE[status]
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
@@ -157,42 +158,69 @@ def _ratio(delta: float, norm: float) -> float:
 
 class _Copies:
     """A check's measurement for any optimizer: each group's weights copied before the step, then
-    ``||new - old|| / ||old||`` over the group's tensors that have gradients (nan for none)."""
+    ``||new - old|| / ||old||`` over the group's tensors that have gradients (nan for none), and the
+    norm of those gradients as the step left them (unscaled and clipped, as it used them)."""
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             self.old = [[p.detach().clone() for p in g["params"] if p.grad is not None] for g in opt.param_groups]
 
-    def ratios(self, opt: torch.optim.Optimizer) -> list[float]:
+    def figures(self, opt: torch.optim.Optimizer) -> list[tuple[float, float]]:
         out = []
         for group, old in zip(opt.param_groups, self.old):
             new = [p for p in group["params"] if p.grad is not None]
             if not old or len(old) != len(new):
-                out.append(float("nan"))
+                out.append((float("nan"), float("nan")))
                 continue
             with torch.no_grad():
                 delta = math.sqrt(sum(float((n.detach().float() - o.float()).pow(2).sum()) for o, n in zip(old, new)))
                 norm = math.sqrt(sum(float(o.float().pow(2).sum()) for o in old))
-            out.append(_ratio(delta, norm))
+                grad = math.sqrt(sum(float(p.grad.detach().float().pow(2).sum()) for p in new))
+            out.append((_ratio(delta, norm), grad))
         return out
 
 
 class _KernelStats:
     """A check's measurement for lrfuse's optimizers: the step measures itself in the kernel's pass
-    (``track_stats``, on for that step only), with no copy of the weights and no second pass."""
+    (``track_stats``, on for that step only), with no copy of the weights and no second pass.
+
+    Under FSDP2 the kernel's sums cover each rank's shards; they are all-reduced over the mesh
+    dims the parameters are sharded on, so the figures are the whole model's. Parameters whose
+    sums cannot be added up that way (plain tensors beside DTensors, or DTensors sharded on
+    different mesh dims, as tensor parallelism's replicated biases) take the copies."""
 
     @staticmethod
     def serves(opt: torch.optim.Optimizer) -> bool:
-        # The CPU kernels and the reference path measure; the CUDA kernels do not yet, and
-        # DTensor shards would need their sums all-reduced: those take the copies.
-        return isinstance(opt, _FusedStep) and all(
-            p.device.type == "cpu" and not isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
+        return isinstance(opt, _FusedStep) and _shard_dims(opt) is not None
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         self.was, opt.track_stats = opt.track_stats, True
 
-    def ratios(self, opt: torch.optim.Optimizer) -> list[float]:
-        stats = opt.group_stats()
+    def figures(self, opt: torch.optim.Optimizer) -> list[tuple[float, float]]:
+        table = opt.group_stats_tensor()  # columns: update, param and grad norms, nonfinite, ratio
         opt.track_stats = self.was
-        return [_ratio(s["update_norm"], s["param_norm"]) if any(p.grad is not None for p in g["params"])
-                else float("nan") for g, s in zip(opt.param_groups, stats)]
+        sums = table[:, :3].square()
+        mesh, dims = _shard_dims(opt)
+        for dim in dims:
+            torch.distributed.all_reduce(sums, group=mesh.get_group(dim))
+        update, param, grad = sums.sqrt().T.tolist()
+        return [(_ratio(u, w), g) if any(p.grad is not None for p in group["params"]) else (float("nan"), float("nan"))
+                for group, u, w, g in zip(opt.param_groups, update, param, grad)]
+
+
+def _shard_dims(opt: torch.optim.Optimizer) -> tuple[object, tuple[int, ...]] | None:
+    """(mesh, the mesh dims every parameter is sharded on) when each group's sums are the whole
+    model's once summed over those dims: no DTensor at all (``(None, ())``), or every parameter a
+    DTensor on one mesh, sharded on the same dims and replicated on the others. Else None."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        return None, ()
+    if not all(isinstance(p, DTensor) for p in params):
+        return None
+    mesh = params[0].device_mesh
+    layouts = {tuple(pl.is_shard() for pl in p.placements) for p in params}
+    if len(layouts) != 1 or any(p.device_mesh != mesh for p in params) or any(
+            not (pl.is_shard() or pl.is_replicate()) for p in params for pl in p.placements):
+        return None
+    (sharded,) = layouts
+    return mesh, tuple(d for d, shard in enumerate(sharded) if shard)

@@ -172,7 +172,9 @@ def test_lrfuse_optimizers_are_measured_by_the_kernel_with_the_ratios_of_the_cop
 
     def fit():
         pl.seed_everything(0, verbose=False)
-        return run(tmp_path, Tiny(lr=1e-2, groups=True), steps=12)[0]
+        monitor, logger = run(tmp_path, Tiny(lr=1e-2, groups=True), steps=12)
+        monitor.grad_norms = [v for _, row in logger.rows for k, v in sorted(row.items()) if k.endswith("/grad_norm")]
+        return monitor
 
     copies = []
     monkeypatch.setattr(health._Copies, "__init__",
@@ -190,3 +192,6 @@ def test_lrfuse_optimizers_are_measured_by_the_kernel_with_the_ratios_of_the_cop
     for key in kernel.ratios:
         assert list(kernel.ratios[key]) == pytest.approx(list(copied.ratios[key]), rel=1e-5)
         assert len(kernel.ratios[key]) == 6 and all(r > 0 for r in kernel.ratios[key])
+    # The gradient norms logged beside them: the kernel's, and those of the gradients the copies read.
+    assert len(kernel.grad_norms) == 12 and all(g > 0 for g in kernel.grad_norms)
+    assert kernel.grad_norms == pytest.approx(copied.grad_norms, rel=1e-5)
