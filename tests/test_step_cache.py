@@ -11,14 +11,14 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from lrfuse.optim._cache import Plan, StepCache
+from lrfuse.optim._cache import StepCache, StepCalls
 from parity import FP32, assert_same, clone_like, leaf, step_both
 
 
 # StepCache on its own -------------------------------------------------------------------------
 
 
-needs_extension = pytest.mark.skipif(ops._C is None, reason="lrfuse._C is not built (no plan is kept without it)")
+needs_extension = pytest.mark.skipif(ops._C is None, reason="lrfuse._C is not built (no calls are kept without it)")
 
 
 def kept_setup():
@@ -28,22 +28,22 @@ def kept_setup():
     state = {params[0]: {"step": torch.zeros(()), "exp_avg": torch.zeros(3)},
              params[1]: {"step": torch.zeros(()), "exp_avg": torch.zeros(2)}}
     cache = StepCache()
-    plan = Plan(calls={}, checked_natively=True)
-    cache.keep(plan, ("key",), list(params), [p.grad for p in params], state)
-    return cache, plan, params, state
+    calls = StepCalls(by_layout={}, checked_natively=True)
+    cache.keep(calls, ("key",), list(params), [p.grad for p in params], state)
+    return cache, calls, params, state
 
 
 @needs_extension
-def test_plan_is_kept_while_everything_is_the_same_object():
-    cache, plan, params, state = kept_setup()
+def test_calls_are_kept_while_everything_is_the_same_object():
+    cache, calls, params, state = kept_setup()
     params[0].grad = torch.full_like(params[0], 2.0)  # backward replaces gradients: that is allowed
-    kept_plan, grads = cache.kept(("key",), [params[:2], params[2:]], state)
-    assert kept_plan is plan
+    kept_calls, grads = cache.kept(("key",), [params[:2], params[2:]], state)
+    assert kept_calls is calls
     assert grads[0] is params[0].grad and grads[1] is params[1].grad and grads[2] is None
 
 
-def test_no_plan_is_kept_without_the_extension(monkeypatch):
-    cache, plan, params, state = kept_setup()
+def test_no_calls_are_kept_without_the_extension(monkeypatch):
+    cache, calls, params, state = kept_setup()
     monkeypatch.setattr(ops, "_C", None)
     assert cache.kept(("key",), [params], state) is None
 
@@ -53,8 +53,8 @@ def test_no_plan_is_kept_without_the_extension(monkeypatch):
     "key", "gradient gone", "gradient new", "parameter swapped", "parameter added", "state dict replaced",
     "value replaced", "value added", "state cleared", "value replaced by an equal tensor", "state key renamed",
     "state moved to another parameter", "state of a parameter added", "state dict is not a dict"])
-def test_any_change_of_what_the_plan_was_built_from_drops_it(change):
-    cache, plan, params, state = kept_setup()
+def test_any_change_of_what_the_calls_were_built_from_drops_them(change):
+    cache, calls, params, state = kept_setup()
     key, lists = ("key",), [params[:2], params[2:]]
     if change == "key":
         key = ("other",)
@@ -74,7 +74,7 @@ def test_any_change_of_what_the_plan_was_built_from_drops_it(change):
         state[params[1]]["max_exp_avg_sq"] = torch.zeros(2)
     elif change == "state cleared":
         state[params[0]].clear()
-    elif change == "value replaced by an equal tensor":  # same values, another tensor: the plan would update the old one
+    elif change == "value replaced by an equal tensor":  # same values, another tensor: the calls would update the old one
         state[params[0]]["step"] = state[params[0]]["step"].clone()
     elif change == "state key renamed":  # same tensors in the same order, but torch would make a new exp_avg
         state[params[1]]["momentum"] = state[params[1]].pop("exp_avg")
@@ -179,7 +179,7 @@ def test_param_group_added_mid_training():
 
 
 def test_amsgrad_switched_on_between_steps():
-    """A structural change of a group (new state appears) rebuilds the plan, and the steps after it
+    """A structural change of a group (new state appears) rebuilds the calls, and the steps after it
     are amsgrad's: ``max_exp_avg_sq`` starts at zero (torch's for-loop raises KeyError there instead,
     see the README), so they equal torch's amsgrad steps from a zero max. Gradients far smaller than
     before make the running average fall, so the max (which started at zero, not at the average)
@@ -216,7 +216,7 @@ def test_parameter_swapped_in_place_in_its_group():
         step_both(params, ref, fused, oracle, f"after swap {i}")
 
 
-def test_sparse_gradient_on_a_kept_plan_is_named():
+def test_sparse_gradient_with_kept_calls_is_named():
     params, ref, fused, oracle = pair()
     step_both(params, ref, fused, oracle, "first")
     before = [p.clone() for p in params]
@@ -228,12 +228,12 @@ def test_sparse_gradient_on_a_kept_plan_is_named():
         assert torch.equal(p, b)
 
 
-def test_optimizer_with_a_kept_plan_copies_and_pickles():
-    """The kept plan (and its C++ references) stays out of copies: they rebuild their own."""
+def test_optimizer_with_kept_calls_copies_and_pickles():
+    """The kept calls (and their C++ references) stay out of copies: they build their own."""
     params, ref, fused, oracle = pair()
     step_both(params, ref, fused, oracle, "first")
     for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
-        assert clone._cache is not fused._cache and clone._cache.plan is None
+        assert clone._cache is not fused._cache and clone._cache.calls is None and clone._cache.built_from is None
         cloned = [p for g in clone.param_groups for p in g["params"]]
         for p in cloned:
             p.grad = torch.ones_like(p)

@@ -25,7 +25,7 @@ import torch
 from lrfuse.ops import reference
 from lrfuse.ops.rules import RULES, STAT_COLUMNS, Rule
 
-__all__ = ["RULES", "STAT_COLUMNS", "Rule", "backend", "cpu_isa", "hold_refs", "kept_grads", "op"]
+__all__ = ["RULES", "STAT_COLUMNS", "Rule", "backend", "cpu_isa", "op"]
 
 try:
     from lrfuse import _C  # registers torch.ops.lrfuse.*
@@ -54,29 +54,6 @@ def backend(device: torch.device | str) -> str:
 def cpu_isa() -> str:
     """The vectorized variant of the CPU kernels this processor runs (``x86-64-v4`` = AVX-512)."""
     return torch.ops.lrfuse.cpu_isa() if _C is not None else "none (extension not built)"
-
-
-def hold_refs(tensors: list[torch.Tensor]) -> object | None:
-    """C++ references to ``tensors``, kept while the returned object lives (None without ``_C``).
-
-    Boxing a tensor that only Python references costs a Python refcount round trip per call;
-    an optimizer holds these for the tensors its native call passes every step (see
-    ``TensorRefs`` in csrc/lrfuse.cpp).
-    """
-    return torch.classes.lrfuse.TensorRefs(tensors) if _C is not None else None
-
-
-def kept_grads(param_lists: list, params: list, has_grad: bytes, state: dict, state_keys: list,
-               state_dicts: list, state_items: list) -> list | None:
-    """This step's gradients (``p.grad`` of every parameter of ``param_lists``, in order) if the
-    optimizer holds exactly the objects a kept plan was built from: ``params``, which of them had
-    a gradient, and ``state``'s keys, dicts and their keys and values (``state_items``: key,
-    value, key, value, ...), each the same object in the same order; else None. One C pass
-    (csrc/kept_plan.cpp); without the extension always None, so every step builds its plan.
-    """
-    if _C is None:
-        return None
-    return _C.kept_grads(param_lists, params, has_grad, state, state_keys, state_dicts, state_items)
 
 
 def _warn_reference(device: torch.device) -> None:

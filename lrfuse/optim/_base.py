@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lrfuse import ops
-from lrfuse.optim._cache import Call, DTensor, Plan, StepCache, unwrap, unwrap_grad
+from lrfuse.optim._cache import Call, DTensor, StepCache, StepCalls, unwrap, unwrap_grad
 
 
 def _step_dtype() -> torch.dtype:
@@ -168,23 +168,23 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, grads = self._plan()
+        calls, grads = self._step_calls()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         stats = {}
         if self.track_stats:
-            stats = self._zeroed_stats(plan)
+            stats = self._zeroed_stats(calls)
             self._stats_found_inf[0] = found_inf
-        if plan.first_steps and found_inf is not None and bool(found_inf.item()):
+        if calls.first_steps and found_inf is not None and bool(found_inf.item()):
             # GradScaler skips this step. torch's SGD never sees a skipped step, so the momentum
             # buffers made for it must stay absent: the next step starts them from its gradient.
             # (A host sync, on the first steps of SGD with momentum under a GradScaler only.)
-            for p, key in plan.first_steps:
+            for p, key in calls.first_steps:
                 del self.state[p][key]
                 if not self.state[p]:
                     del self.state[p]
             return loss
-        for (device, uses), call in plan.calls.items():
+        for (device, uses), call in calls.by_layout.items():
             steps = (call.steps,) if self._rule.counts_steps else ()
             try:
                 type(self)._op(
@@ -195,18 +195,18 @@ class _FusedStep:
                 )
             except NotImplementedError:
                 # A sparse gradient dispatches the op away from its kernels before anything is
-                # written: name the gradient, as the checks of a rebuilt plan would.
+                # written: name the gradient, as the checks of rebuilt calls would.
                 self._check_grads(grads)
                 raise
             if torch.compiler.is_compiling():
                 self._copy_back_complex(call)
         return loss
 
-    def _zeroed_stats(self, plan: Plan) -> dict[torch.device, Tensor]:
+    def _zeroed_stats(self, calls: StepCalls) -> dict[torch.device, Tensor]:
         """The stats tables this step's calls add to, one per device (a row per hyper-table row),
         zeroed: a step that adds nothing (skipped, no gradients) reports zeros."""
         rows = len(self.param_groups) * (2 if self._first_step_rows else 1)
-        for device in {device for device, _ in plan.calls}:
+        for device in {device for device, _ in calls.by_layout}:
             table = self._stats.get(device)
             if table is None or table.shape[0] != rows:
                 self._stats[device] = torch.zeros(rows, len(ops.STAT_COLUMNS), dtype=torch.float64, device=device)
@@ -258,11 +258,11 @@ class _FusedStep:
         keys = ("update_norm", "param_norm", "grad_norm", "nonfinite", "update_ratio")
         return [{**dict(zip(keys, row)), "nonfinite": int(row[3]), "skipped": skipped} for row in rows]
 
-    def _plan(self) -> tuple[Plan, list[Tensor | None]]:
+    def _step_calls(self) -> tuple[StepCalls, list[Tensor | None]]:
         """The native calls of this step, and the gradients of every parameter in group order.
 
-        Building the calls costs microseconds per tensor, so the plan is kept (:class:`StepCache`)
-        while everything it was built from is the same objects; then only the gradients, which
+        Building the calls costs microseconds per tensor, so they are kept (:class:`StepCache`)
+        while everything they were built from is the same objects; then only the gradients, which
         backward may replace every step, are refreshed.
         """
         if torch.compiler.is_compiling():  # the compiled graph's guards do the caching
@@ -274,16 +274,16 @@ class _FusedStep:
         if kept is None:
             params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
             grads = list(map(_grad_of, params))
-            plan = self._build(grads)
-            if not plan.first_steps:  # after this step they are first steps no more
-                self._cache.keep(plan, key, params, grads, self.state)
-            return plan, grads
-        plan, grads = kept
-        if not plan.checked_natively:
+            calls = self._build(grads)
+            if not calls.first_steps:  # after this step they are first steps no more
+                self._cache.keep(calls, key, params, grads, self.state)
+            return calls, grads
+        calls, grads = kept
+        if not calls.checked_natively:
             self._check_grads(grads)
-        for call in plan.calls.values():
+        for call in calls.by_layout.values():
             call.refresh(grads)
-        return plan, grads
+        return calls, grads
 
     def _check_grads(self, grads: list[Tensor | None]) -> None:
         """Raises before anything is modified if a gradient cannot be applied."""
@@ -313,13 +313,13 @@ class _FusedStep:
                     f"is on {p.device}; leave capturable off there (torch.optim.{self._torch_name} refuses "
                     "it too)")
 
-    def _build(self, grads: list[Tensor | None]) -> Plan:
+    def _build(self, grads: list[Tensor | None]) -> StepCalls:
         """Checks every gradient, then creates missing state, then sorts tensors into calls."""
         self._check_grads(grads)
         compiling = torch.compiler.is_compiling()
         if not compiling:  # dynamo may set capturable itself, as torch's own check assumes
             self._check_capturable(grads)
-        calls: dict[tuple[torch.device, tuple[bool, ...]], Call] = {}
+        by_layout: dict[tuple[torch.device, tuple[bool, ...]], Call] = {}
         first_steps: list[tuple[Tensor, str]] = []
         params = ((g, p) for g, group in enumerate(self.param_groups) for p in group["params"])
         for j, ((g, p), grad) in enumerate(zip(params, grads)):
@@ -332,10 +332,10 @@ class _FusedStep:
             first_step = self._first_step_rows and bool(created)
             if first_step:
                 first_steps.extend((p, key) for key in created)
-            call = calls.get((p.device, uses))
+            call = by_layout.get((p.device, uses))
             if call is None:
                 # One list per state key in the op's order; an unused optional key stays empty.
-                call = calls[(p.device, uses)] = Call(states=[[] for _ in self._all_state_keys])
+                call = by_layout[(p.device, uses)] = Call(states=[[] for _ in self._all_state_keys])
             k = len(call.params)
             keys = tuple(key if on else None for key, on in zip(self._all_state_keys, active))
             call.params.append(unwrap(p))
@@ -356,10 +356,10 @@ class _FusedStep:
                     for lst, key in zip(call.states, keys):
                         if key is not None:
                             lst[k] = lst[k].clone()
-        for call in calls.values():
-            call.takes_all = len(calls) == 1 and len(call.grad_index) == len(grads) and not call.wrapped
-        native = len(calls) <= 1 and all(ops.backend(device) == "native" for device, _ in calls)
-        return Plan(calls=calls, checked_natively=native, first_steps=first_steps)
+        for call in by_layout.values():
+            call.takes_all = len(by_layout) == 1 and len(call.grad_index) == len(grads) and not call.wrapped
+        native = len(by_layout) <= 1 and all(ops.backend(device) == "native" for device, _ in by_layout)
+        return StepCalls(by_layout=by_layout, checked_natively=native, first_steps=first_steps)
 
     @staticmethod
     def _copy_back_complex(call: Call) -> None:

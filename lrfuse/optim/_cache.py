@@ -1,16 +1,18 @@
 """What a fused optimizer keeps between steps, and the rule that keeps it from ever going stale.
 
-:class:`StepCache` holds the call plan (the tensor lists of the step's native calls) and one hyper
-table per device. Each is reused only while everything it was built from is, object for object,
-what the optimizer holds now; the checks are C-level identity scans, cheap enough to run every
-step (hashing tensors into ``optimizer.state`` would cost more than the rest of the step's Python):
+:class:`StepCache` holds the step's calls (:class:`StepCalls`: the tensor lists of its native
+calls) and one hyper table per device. Each is reused only while everything it was built from is,
+object for object, what the optimizer holds now; the checks are C-level identity scans, cheap
+enough to run every step (hashing tensors into ``optimizer.state`` would cost more than the rest
+of the step's Python):
 
-- the plan: the parameters of every group in order, which of them have a gradient, each group's
-  size, state layout and ``capturable``, and ``optimizer.state``: its keys, its dicts, and each
-  key and value in them. Whatever users do to ``opt.state`` between steps replaces one of those
-  objects, so the next step is built from what ``opt.state`` holds. In-place changes of a tensor
-  need nothing: the plan holds the tensors. The scan is one C pass (:func:`lrfuse.ops.kept_grads`)
-  that also reads the step's gradients; without the extension no plan is kept.
+- the calls (built from :class:`BuiltFrom`): the parameters of every group in order, which of
+  them have a gradient, each group's size, state layout and ``capturable``, and
+  ``optimizer.state``: its keys, its dicts, and each key and value in them. Whatever users do to
+  ``opt.state`` between steps replaces one of those objects, so the next step is built from what
+  ``opt.state`` holds. In-place changes of a tensor need nothing: the calls hold the tensors. The
+  scan is one C pass (:func:`_kept_grads`) that also reads the step's gradients; without the
+  extension nothing is kept.
 - a hyper table: each group's row values (``lr``, betas, ...). Numbers and tuples cannot change
   in place, so the same objects mean the same numbers; a value that can (a list, a numpy array)
   turns the fast path off for that table, and tensor cells are copied at every call anyway.
@@ -72,7 +74,7 @@ class Call:
     # shard replaces what an unwrapped view would still show.
     wrapped: list[tuple[int, Tensor, dict, tuple]] = field(default_factory=list)
     takes_all: bool = False  # the step's flat gradient list is this call's list as it is
-    refs: object = None      # C++ references to params, state and steps (ops.hold_refs)
+    refs: object = None      # C++ references to params, state and steps (_hold_refs)
 
     def refresh(self, grads: list[Tensor | None]) -> None:
         """Takes this step's gradients (backward may have replaced them)."""
@@ -86,19 +88,25 @@ class Call:
 
 
 @dataclass
-class Plan:
-    """The calls of a step, reusable while the parameters, which of them have a gradient, the
-    group structure and ``optimizer.state`` stay the objects they were when it was built."""
+class StepCalls:
+    """The native calls of a step: one per (device, state layout)."""
 
-    calls: dict[tuple[torch.device, tuple[bool, ...]], Call]
+    by_layout: dict[tuple[torch.device, tuple[bool, ...]], Call]
     checked_natively: bool  # one native call, whose own checks run before any write
     first_steps: list[tuple[Tensor, str]] = field(default_factory=list)  # SGD: (param, key) of new momentum buffers
-    key: tuple = ()         # (id of the state dict, (size, state layout, capturable) of each group)
-    params: list[Tensor] = field(default_factory=list)  # every parameter of every group, in order
-    has_grad: bytes = b""   # which of them had a gradient
-    state_keys: list = field(default_factory=list)      # optimizer.state's keys, in order
-    states: list[dict] = field(default_factory=list)    # its values, in order
-    items: list = field(default_factory=list)           # every key and value of those: k, v, k, v, ...
+
+
+@dataclass
+class BuiltFrom:
+    """What kept :class:`StepCalls` were built from: they are reused while the optimizer holds
+    exactly these objects."""
+
+    key: tuple              # (id of the state dict, (size, state layout, capturable) of each group)
+    params: list[Tensor]    # every parameter of every group, in order
+    has_grad: bytes         # which of them had a gradient
+    state_keys: list        # optimizer.state's keys, in order
+    states: list[dict]      # its values, in order
+    items: list             # every key and value of those: k, v, k, v, ...
 
 
 @dataclass
@@ -118,34 +126,53 @@ def _state_items(states: list[dict]) -> list:
     return list(itertools.chain.from_iterable(itertools.chain.from_iterable(map(dict.items, states))))
 
 
+def _kept_grads(param_lists: list[list[Tensor]], built: BuiltFrom, state: dict) -> list | None:
+    """This step's gradients (``p.grad`` of every parameter of ``param_lists``, in order) if the
+    optimizer holds exactly the objects of ``built`` (and ``state`` is its ``optimizer.state``),
+    each the same object in the same order; else None. One C pass (csrc/kept_plan.cpp); without
+    the extension always None, so every step builds its calls."""
+    if ops._C is None:
+        return None
+    return ops._C.kept_grads(param_lists, built.params, built.has_grad, state, built.state_keys, built.states,
+                             built.items)
+
+
+def _hold_refs(tensors: list[Tensor]) -> object | None:
+    """C++ references to ``tensors``, kept while the returned object lives (None without the
+    extension). Boxing a tensor that only Python references costs a Python refcount round trip
+    per call; these make it an atomic increment (``TensorRefs`` in csrc/lrfuse.cpp)."""
+    return torch.classes.lrfuse.TensorRefs(tensors) if ops._C is not None else None
+
+
 class StepCache:
-    """The plan and the hyper tables of one optimizer (see the module docstring)."""
+    """The step's calls and the hyper tables of one optimizer (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.plan: Plan | None = None
+        self.calls: StepCalls | None = None
+        self.built_from: BuiltFrom | None = None
         self.tables: dict[torch.device, HyperTable] = {}
         self.captured: list[Tensor] = []  # host rows a captured CUDA graph re-reads at every replay
 
-    def kept(self, key: tuple, param_lists: list[list[Tensor]], state: dict) -> tuple[Plan, list] | None:
-        """The kept plan and this step's gradients if the plan was built from exactly these
+    def kept(self, key: tuple, param_lists: list[list[Tensor]], state: dict) -> tuple[StepCalls, list] | None:
+        """The kept calls and this step's gradients if they were built from exactly these
         objects (``param_lists``: each group's parameter list), else None."""
-        plan = self.plan
-        if plan is None or plan.key != key:
+        built = self.built_from
+        if built is None or built.key != key:
             return None
-        grads = ops.kept_grads(param_lists, plan.params, plan.has_grad, state, plan.state_keys, plan.states, plan.items)
-        return None if grads is None else (plan, grads)
+        grads = _kept_grads(param_lists, built, state)
+        return None if grads is None else (self.calls, grads)
 
-    def keep(self, plan: Plan, key: tuple, params: list[Tensor], grads: list[Tensor | None], state: dict) -> None:
-        """Keeps ``plan`` with what it was built from; its tensors box cheaply from now on."""
-        plan.key, plan.params = key, params
-        plan.has_grad = bytes(g is not None for g in grads)
-        plan.state_keys, plan.states = list(state), list(state.values())
-        plan.items = _state_items(plan.states)
-        for call in plan.calls.values():
+    def keep(self, calls: StepCalls, key: tuple, params: list[Tensor], grads: list[Tensor | None],
+             state: dict) -> None:
+        """Keeps ``calls`` with what they were built from; their tensors box cheaply from now on."""
+        states = list(state.values())
+        self.built_from = BuiltFrom(key, params, bytes(g is not None for g in grads), list(state), states,
+                                    _state_items(states))
+        for call in calls.by_layout.values():
             unwrapped = {k for k, *_ in call.wrapped}  # their views are made anew each step
             kept = [t for lst in (call.params, *call.states) for k, t in enumerate(lst) if k not in unwrapped]
-            call.refs = ops.hold_refs([*kept, *call.steps])
-        self.plan = plan
+            call.refs = _hold_refs([*kept, *call.steps])
+        self.calls = calls
 
     def hyper(self, device: torch.device, sources: list[tuple], row: Callable[[tuple], list],
               compiling: bool) -> Tensor:
