@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import lrfuse
 from lrfuse.threads import torch_threads
-from parity import leaf
+from parity import ALGORITHMS, leaf
 
 
 def snapshot(opt):
@@ -191,11 +193,28 @@ def test_expanded_state_updates_nothing(backend, monkeypatch):
     assert_unchanged(opt, before)
 
 
-@pytest.mark.parametrize("cls, fix", [(lrfuse.FusedSGD, "use torch.optim.SGD, which does"),
-                                      (lrfuse.FusedAdagrad, "use torch.optim.Adagrad, which does"),
-                                      (lrfuse.FusedAdadelta, "please consider SparseAdam")])
-def test_sparse_gradient_names_the_fix(cls, fix):
-    """torch's SGD and Adagrad take sparse gradients; the fused ones say to use those."""
+def torch_takes_sparse_gradients(torch_cls) -> bool:
+    """Whether torch's own class (for-loop) steps with a sparse gradient."""
+    p = leaf(torch.randn(5))
+    opt = torch_cls([p], lr=0.1, foreach=False)
+    p.grad = torch.randn(5).to_sparse()
+    try:
+        with warnings.catch_warnings():  # torch's Adagrad: sparse invariant checks are off
+            warnings.simplefilter("ignore", UserWarning)
+            opt.step()
+    except RuntimeError as e:
+        assert "does not support sparse gradients" in str(e), e
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_sparse_gradient_names_the_fix(name):
+    """torch's SGD and Adagrad take sparse gradients; the fused ones say to use those. The others
+    point to SparseAdam, as torch's Adam does."""
+    cls, torch_cls = ALGORITHMS[name].fused, ALGORITHMS[name].torch
+    fix = (f"use torch.optim.{torch_cls.__name__}, which does" if torch_takes_sparse_gradients(torch_cls)
+           else "please consider SparseAdam")
     p = leaf(torch.randn(5))
     before = p.detach().clone()
     opt = cls([p], lr=0.1)

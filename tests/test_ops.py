@@ -13,10 +13,37 @@ import torch
 
 import lrfuse
 from lrfuse import ops
-from parity import leaf, op_args, run_compiled_with_lr_changes
+from parity import ALGORITHMS, leaf, op_args, run_compiled_with_lr_changes
 
 native = pytest.mark.skipif(ops.backend("cpu") != "native", reason="lrfuse._C is not built")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_fused_class_and_rule_has_a_test_entry():
+    """parity.ALGORITHMS drives every per-algorithm test: each fused class lrfuse exports is one
+    of its entries, beside its torch class and its rule, and every rule is run by one."""
+    exported = {getattr(lrfuse.optim, name) for name in lrfuse.optim.__all__}
+    assert {a.fused for a in ALGORITHMS.values()} == exported, "add the new class to tests/parity.py's ALGORITHMS"
+    for name, a in ALGORITHMS.items():
+        assert issubclass(a.fused, a.torch) and a.fused._rule is ops.RULES[a.rule], name
+    assert {a.rule for a in ALGORITHMS.values()} == set(ops.RULES)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_a_group_becomes_a_row_of_the_rules_columns(name):
+    """A fused class turns a group into one value per column of its rule, and says for each of the
+    rule's optional states whether the group keeps it (settings with every state in use)."""
+    algorithm = ALGORITHMS[name]
+    rule = ops.RULES[algorithm.rule]
+    opt = algorithm.fused([leaf(torch.randn(3))], **algorithm.low_precision)
+    group = opt.param_groups[0]
+    values = tuple(group[k] for k in opt._row_keys)
+    rows = [opt._row(values)] + ([opt._row((*values, True))] if opt._first_step_rows else [])
+    assert all(len(row) == len(rule.columns) for row in rows)
+    assert dict(zip(rule.columns, rows[0]))["lr"] == group["lr"]
+    if opt._first_step_rows:
+        assert [dict(zip(rule.columns, row))["first_step"] for row in rows] == [0.0, 1.0]
+    assert opt._uses(group) == (True,) * len(rule.optional_states)
 
 
 @pytest.mark.parametrize("name", list(ops.RULES))
@@ -161,7 +188,7 @@ def test_step_hooks_run():
 
 
 @native
-@pytest.mark.parametrize("name", ["adam", "rmsprop", "sgd", "adagrad", "adadelta"])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_compiled_step_does_not_recompile_when_lr_changes(name):
     torch.manual_seed(0)
     run_compiled_with_lr_changes([leaf(torch.randn(6, 4)), leaf(torch.randn(4))], name)

@@ -79,12 +79,22 @@ if _missing is not None:
     pytest.skip(f"torch.testing._internal.common_optimizers needs {_missing.name!r}, which the test set-up does not "
                 f"install ({_missing})", allow_module_level=True)
 
-INFO = {name: next(info for info in optim_db if info.optim_cls is torch_cls)
-        for name, (_, torch_cls) in PAIRS.items()}
+
+def _info(name: str, torch_cls: type):
+    """torch's optim_db entry of ``torch_cls``: its configurations, error inputs and schedulers."""
+    found = [info for info in optim_db if info.optim_cls is torch_cls]
+    if not found:
+        raise LookupError(f"torch's optim_db has no entry for torch.optim.{torch_cls.__name__} (parity.ALGORITHMS' "
+                          f"{name!r}): its port here needs configurations of its own")
+    return found[0]
+
+
+INFO = {name: _info(name, torch_cls) for name, (_, torch_cls) in PAIRS.items()}
 CLIQUEY = ("foreach", "fused", "differentiable")
 STEPS = 7  # torch's _compare_between: "iteration 7 is where we start to see differences"
 
-# Configurations torch's database does not have, on branches of lrfuse's kernels.
+# Configurations torch's database does not have, on branches of lrfuse's kernels: an entry for
+# every algorithm of parity.ALGORITHMS (an empty list where torch's cover every branch).
 EXTRA = {
     "adam": [
         ({"weight_decay": 0.1, "decoupled_weight_decay": True}, "decoupled_weight_decay"),
@@ -114,6 +124,11 @@ EXTRA = {
          "1-d one-element Tensor lr, rho, weight_decay, maximize"),
     ],
 }
+
+
+if EXTRA.keys() != PAIRS.keys():
+    raise LookupError(f"EXTRA has entries for {sorted(EXTRA)} but parity.ALGORITHMS has {sorted(PAIRS)}: give every "
+                      "algorithm an entry (an empty list where torch's configurations cover every kernel branch)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -1061,17 +1076,16 @@ ZERO_GRAD_CONFIGS = [c for c in ALL_CONFIGS if not c.kwargs.get("weight_decay")]
 @over(ZERO_GRAD_CONFIGS)
 def test_step_is_noop_for_zero_grads(cfg):
     """A zero gradient moves no parameter, bit for bit (every update is 0 / (0 + eps) = 0).
-    AdamW's default decoupled weight decay (1e-2) is the exception: it shrinks the weights by
-    lr * 1e-2 (1e-5 of them at lr 1e-3, ten times torch's float32 rtol), exactly as torch's
-    for-loop does, which is what is checked for it."""
-    fused_cls, _ = PAIRS[cfg.name]
+    A class whose default weight decay is not 0 is the exception: AdamW's decoupled 1e-2 shrinks
+    the weights by lr * 1e-2 (1e-5 of them at lr 1e-3, ten times torch's float32 rtol), exactly as
+    torch's for-loop does, which is what is checked for it."""
     param = leaf(torch.randn(5, 1))
     before = param.detach().clone()
     ref, opt, oracle = pair_over(cfg, [param])
     param.grad, ref[0].grad = torch.zeros_like(param), torch.zeros_like(param)
     opt.step(lambda: torch.tensor([1.0]))
     oracle.step()
-    if cfg.name == "adamw":
+    if opt.param_groups[0]["weight_decay"]:  # the class's default
         assert not torch.equal(param.detach(), before), cfg.id
         check_close(param.detach(), ref[0].detach(), cfg.id, atol=0.0)
     else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import lrfuse
 from lrfuse.lightning import LRFinder, LRHealthMonitor, LRSchedule
+from parity import ALGORITHMS
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (pip install 'lrfuse[lightning]')")
 from lrfuse.lightning.cli import build_cli  # noqa: E402
@@ -17,13 +19,15 @@ from lrfuse.lightning.cli import build_cli  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*will be overridden by `LightningCLI.configure_optimizers`")
 
 
-@pytest.mark.parametrize("name", ["FusedSGD", "FusedAdagrad", "FusedAdadelta", "FusedRMSprop", "FusedAdam",
-                                  "FusedAdamW"])
-def test_cli_optimizer_with_finder_schedule_and_monitor(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_cli_optimizer_with_finder_schedule_and_monitor(algorithm, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lrfuse"])
-    extra = ["--optimizer.momentum=0.9"] if name == "FusedSGD" else []
+    fused_cls, torch_cls = ALGORITHMS[algorithm].fused, ALGORITHMS[algorithm].torch
+    name = fused_cls.__name__
+    # The settings that keep every state of the algorithm (SGD keeps none without momentum).
+    settings = ALGORITHMS[algorithm].low_precision
     cli = build_cli(run=False, args=[
-        "--optimizer", f"lrfuse.{name}", *extra,
+        "--optimizer", f"lrfuse.{name}", *(f"--optimizer.{k}={json.dumps(v)}" for k, v in settings.items()),
         "--trainer.callbacks+=lrfuse.LRFinder", "--trainer.callbacks.num_steps=40",
         "--trainer.callbacks.min_lr=1e-5", "--trainer.callbacks.max_lr=10",
         "--trainer.callbacks+=lrfuse.LRSchedule", "--trainer.callbacks.schedule=cosine",
@@ -36,13 +40,13 @@ def test_cli_optimizer_with_finder_schedule_and_monitor(name, tmp_path, monkeypa
     before = [p.detach().clone() for p in cli.model.parameters()]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     opt = cli.trainer.optimizers[0]
-    assert type(opt) is getattr(lrfuse, name)
+    assert type(opt) is fused_cls is getattr(lrfuse, name)
+    assert all(opt.param_groups[0][k] == v for k, v in settings.items())
     finder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRFinder))
     assert finder.result is not None and finder.result.lr is not None
     assert cli.trainer.global_step == 12
     # The state is torch's for this optimizer, and training moved every parameter.
-    torch_cls = getattr(torch.optim, name.removeprefix("Fused"))
-    ref = torch_cls([torch.nn.Parameter(torch.zeros(2))], **({"momentum": 0.9} if name == "FusedSGD" else {}))
+    ref = torch_cls([torch.nn.Parameter(torch.zeros(2))], **settings)
     ref.param_groups[0]["params"][0].grad = torch.ones(2)
     ref.step()
     expected_keys = set(next(iter(ref.state.values())))
