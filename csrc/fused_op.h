@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string>
@@ -26,7 +27,10 @@
 
 namespace lrfuse {
 
-constexpr int kMaxStates = 3;
+// The most state lists any rule has (LRFUSE_RULES): a rule's own header sets its count.
+#define LRFUSE_NUM_STATES(Rule) num_states<Rule>(),
+constexpr int kMaxStates = std::max({LRFUSE_RULES(LRFUSE_NUM_STATES) 0});
+#undef LRFUSE_NUM_STATES
 
 // The columns of `stats`: sums over the row's tensors of the squared update as applied (the
 // parameter after the step minus before it, both as stored), the squared parameter before the
@@ -61,7 +65,6 @@ std::string op_name() {
 
 template <typename Rule>
 std::string schema() {
-  static_assert(num_states<Rule>() <= kMaxStates, "raise kMaxStates");
   std::string s = op_name<Rule>() + "(Tensor(a!)[] params, Tensor[] grads, ";
   char alias = 'b';
   for (const char* name : Rule::kStates) s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";

@@ -20,6 +20,10 @@ using at::TensorList;
 template <typename Rule, typename scalar_t>
 using ConstsOf = typename Rule::template Consts<at::opmath_type<scalar_t>>;
 
+// update_element and flat take the states as separate __restrict__ pointers, which GCC needs to
+// vectorize without run-time alias checks; a rule with a fourth state adds one here.
+static_assert(kMaxStates == 3, "update_element / flat take three state pointers: add one per state");
+
 // One element: the rule's update of p (given as `pi`) with the gradient `gi` (unscaled, and
 // negated when maximizing), its states loaded from and stored to the state pointers present
 // under kFlags; returns the new parameter as stored.
@@ -52,9 +56,8 @@ __attribute__((always_inline)) inline scalar_t update_element(int64_t i, opmath_
 template <typename Rule, unsigned kFlags, bool kScaled, typename scalar_t>
 LRFUSE_CPU_CLONES void flat(int64_t n, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                             scalar_t* __restrict__ s0, scalar_t* __restrict__ s1, scalar_t* __restrict__ s2,
-                            ConstsOf<Rule, scalar_t> c, at::opmath_type<scalar_t> scale) {
+                            ConstsOf<Rule, scalar_t> c, at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> sign) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t sign = c.maximize ? opmath_t(-1) : opmath_t(1);
   for (int64_t i = 0; i < n; ++i) {
     opmath_t gi = g[i];
     if constexpr (kScaled) gi = gi / scale;
@@ -104,7 +107,7 @@ LRFUSE_CPU_CLONES void measure_after(int64_t m, const scalar_t* __restrict__ p, 
 
 template <typename Rule, typename scalar_t>
 using FlatLoop = void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
-                          ConstsOf<Rule, scalar_t>, at::opmath_type<scalar_t>);
+                          ConstsOf<Rule, scalar_t>, at::opmath_type<scalar_t>, at::opmath_type<scalar_t>);
 
 // Every specialisation of `flat`: entry 2 * flags + scaled.
 template <typename Rule, typename scalar_t, size_t... I>
@@ -121,10 +124,10 @@ FlatLoop<Rule, scalar_t> pick_flat(unsigned flags, bool scaled) {
 // `sums`: null, or the kStat columns to add this run's sums to.
 template <typename Rule, typename scalar_t>
 void strided(int64_t n, const std::array<scalar_t*, kMaxOperands>& ptr, const int64_t* stride,
-             const ConstsOf<Rule, scalar_t>& c, at::opmath_type<scalar_t> scale, unsigned flags, double* sums) {
+             const ConstsOf<Rule, scalar_t>& c, at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> sign,
+             unsigned flags, double* sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kStates = num_states<Rule>();
-  const opmath_t sign = c.maximize ? opmath_t(-1) : opmath_t(1);
   double update_sq = 0, param_sq = 0, grad_sq = 0, nonfinite = 0;
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t before = ptr[0][i * stride[0]], gi = ptr[1][i * stride[1]] / scale;
@@ -238,12 +241,13 @@ struct Cpu {
         const auto c = Rule::template consts<opmath_t>(row, step.empty() ? 0.0 : step[i]);
         const unsigned flags = present | c.switches;
         const opmath_t scale_value = scale ? opmath_t(*scale) : opmath_t(1);
+        const opmath_t sign = gradient_sign<Rule, opmath_t>(row);
         Plan::for_each_run<scalar_t>(plan.walk(i), lo, hi, [&](auto contiguous, int64_t n, auto ptrs, const int64_t* s) {
           if constexpr (decltype(contiguous)::value) {
             const bool scaled = scale_value != opmath_t(1);  // no grad_scale, or one of 1: g / 1 == g
             const auto loop = pick_flat<Rule, scalar_t>(flags, scaled);
             if (!sums) {
-              loop(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c, scale_value);
+              loop(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c, scale_value, sign);
               return;
             }
             alignas(64) scalar_t before[kStatsBlock];
@@ -252,11 +256,11 @@ struct Cpu {
               auto at = [&](int k) { return ptrs[k] ? ptrs[k] + start : nullptr; };  // an absent state stays null
               (scaled ? measure_before<scalar_t, true> : measure_before<scalar_t, false>)(m, at(0), at(1), before,
                                                                                         scale_value, sums);
-              loop(m, at(0), at(1), at(2), at(3), at(4), c, scale_value);
+              loop(m, at(0), at(1), at(2), at(3), at(4), c, scale_value, sign);
               measure_after<scalar_t>(m, at(0), before, sums);
             }
           } else {
-            strided<Rule, scalar_t>(n, ptrs, s, c, scale_value, flags, sums);
+            strided<Rule, scalar_t>(n, ptrs, s, c, scale_value, sign, flags, sums);
           }
         });
       });

@@ -22,7 +22,7 @@
 
 namespace lrfuse::cpu {
 
-constexpr int kMaxOperands = 5;  // parameter, gradient, up to three state tensors
+constexpr int kMaxOperands = 2 + kMaxStates;  // parameter, gradient, the states
 
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kGrainSize = 32768;

@@ -117,6 +117,7 @@ struct RuleKernel {
 
   static constexpr int kDepth = 2 + count_present();
   using Meta = TensorListMeta<kDepth>;
+  static_assert(sizeof(Meta) + sizeof(Common) <= kParamBudget + 64, "kernel parameters too large");
 
   template <typename scalar_t>
   struct Block {
@@ -143,7 +144,7 @@ struct RuleKernel {
       LRFUSE_UNROLL
       for (int k = 0; k < kDepth; ++k) ptr[k] = static_cast<scalar_t*>(meta.addresses[k][e.tensor]) + e.offset;
       const opmath_t scale = common.grad_scale ? static_cast<opmath_t>(*common.grad_scale) : opmath_t(1);
-      const opmath_t sign = c.maximize ? opmath_t(-1) : opmath_t(1);
+      const opmath_t sign = gradient_sign<Rule, opmath_t>(common.hyper + meta.group[e.tensor] * Rule::kColumns);
       const unsigned flags = kPresent | c.switches;
       const bool measured = common.block_stats != nullptr;  // the same for every thread: no divergence
       ThreadStats<opmath_t> sums;

@@ -58,7 +58,6 @@ struct StepList {
   int count;
 };
 
-static_assert(sizeof(TensorListMeta<5>) + sizeof(Common) <= kParamBudget + 64, "kernel parameters too large");
 static_assert(sizeof(StepList) + sizeof(const float*) <= kParamBudget + 64, "kernel parameters too large");
 
 // One tensor as the packing sees it: its operands' addresses and what the kernel reads of it.

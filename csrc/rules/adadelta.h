@@ -17,7 +17,6 @@ struct Adadelta {
   template <typename T>
   struct Consts {
     T rho, one_minus_rho, eps, weight_decay, neg_lr;
-    bool maximize;
     unsigned switches;
   };
 
@@ -29,7 +28,6 @@ struct Adadelta {
     c.eps = T(row[eps]);
     c.weight_decay = T(row[weight_decay]);
     c.neg_lr = T(-row[lr]);
-    c.maximize = row[maximize] != 0.0;
     c.switches = row[weight_decay] != 0.0 ? kWeightDecay : 0u;
     return c;
   }

@@ -17,7 +17,6 @@ struct Adagrad {
   template <typename T>
   struct Consts {
     T weight_decay, eps, neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
-    bool maximize;
     unsigned switches;
   };
 
@@ -27,7 +26,6 @@ struct Adagrad {
     c.weight_decay = T(row[weight_decay]);
     c.eps = T(row[eps]);
     c.neg_clr = T(-(row[lr] / (1.0 + (step - 1.0) * row[lr_decay])));
-    c.maximize = row[maximize] != 0.0;
     c.switches = row[weight_decay] != 0.0 ? kWeightDecay : 0u;
     return c;
   }

@@ -25,7 +25,6 @@ struct Adam {
     T lerp_weight;             // 1 - beta1
     T beta2, one_minus_beta2;
     T inv_bias_correction2_sqrt, eps, neg_step_size;  // 1 / sqrt(1 - beta2^t), -lr / (1 - beta1^t)
-    bool maximize;
     unsigned switches;
   };
 
@@ -41,7 +40,6 @@ struct Adam {
     c.inv_bias_correction2_sqrt = T(1.0 / std::sqrt(1.0 - std::pow(b2, step)));
     c.eps = T(row[eps]);
     c.neg_step_size = T(-(lr_ / (1.0 - std::pow(b1, step))));
-    c.maximize = row[maximize] != 0.0;
     c.switches = (wd != 0.0 ? kWeightDecay : 0u) | (row[decoupled] != 0.0 ? kDecoupled : 0u);
     return c;
   }

@@ -17,7 +17,6 @@ struct RMSprop {
   template <typename T>
   struct Consts {
     T alpha, one_minus_alpha, eps, weight_decay, momentum, neg_lr;
-    bool maximize;
     unsigned switches;
   };
 
@@ -30,7 +29,6 @@ struct RMSprop {
     c.weight_decay = T(row[weight_decay]);
     c.momentum = T(row[momentum]);
     c.neg_lr = T(-row[lr]);
-    c.maximize = row[maximize] != 0.0;
     c.switches = row[weight_decay] != 0.0 ? kWeightDecay : 0u;
     return c;
   }

@@ -11,9 +11,10 @@
 //                               bits above are the rule's own switches (weight decay on, ...)
 //   Consts<T>, consts(row, step)  per tensor and step: what the element loop needs, computed once
 //                               from the group's row; `switches` holds the switch bits (in place,
-//                               above the optional-state bits), `maximize` negates the gradient
+//                               above the optional-state bits)
 //   update(p, g, s, c, flags)   one element: `g` is the gradient already unscaled and negated when
-//                               maximizing, `s` the states in kStates-then-kOptionalStates order
+//                               maximizing (Column `maximize`, which every rule has and only the
+//                               loops read: `gradient_sign`), `s` the states in kStates-then-kOptionalStates order
 //                               (an absent optional state reads 0 and is not stored)
 // Everything else is generated from that: the op schema and registration (csrc/lrfuse.cpp,
 // csrc/cpu, csrc/cuda), the argument checks (checks.h), the CPU loops and the CUDA kernel. `flags`
@@ -65,6 +66,12 @@ LRFUSE_HD T nan_max(T a, T b) {
 template <typename T>
 LRFUSE_HD T decay_add_square(T v, T beta, T one_minus_beta, T g) {
   return std::fma(one_minus_beta * g, g, v * beta);
+}
+
+// -1 when the row's group maximizes, else 1: a multiply by it is exact.
+template <typename Rule, typename T>
+LRFUSE_HD T gradient_sign(const double* row) {
+  return row[Rule::maximize] != 0.0 ? T(-1) : T(1);
 }
 
 template <typename Rule>

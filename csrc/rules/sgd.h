@@ -22,7 +22,6 @@ struct SGD {
   template <typename T>
   struct Consts {
     T momentum, one_minus_dampening, weight_decay, neg_lr;
-    bool maximize;
     unsigned switches;
   };
 
@@ -33,7 +32,6 @@ struct SGD {
     c.one_minus_dampening = T(1.0 - row[dampening]);
     c.weight_decay = T(row[weight_decay]);
     c.neg_lr = T(-row[lr]);
-    c.maximize = row[maximize] != 0.0;
     c.switches = (row[weight_decay] != 0.0 ? kWeightDecay : 0u) | (row[nesterov] != 0.0 ? kNesterov : 0u) |
                  (row[first_step] != 0.0 ? kFirstStep : 0u);
     return c;
