@@ -25,6 +25,7 @@ class Algorithm:
     fused: type
     torch: type
     rule: str                 # its rule in lrfuse.ops.RULES
+    lr: float                 # the suite's learning rate: a step moves parameters by about 1e-2
     group_extras: list[dict]  # three groups' own hyper-parameters (besides lr)
     flags: list[dict]         # configurations that between them take every switch of the rule
     low_precision: dict = field(default_factory=dict)  # settings with every state in use
@@ -32,40 +33,40 @@ class Algorithm:
 
 # Adding an optimizer: one entry here.
 ALGORITHMS = {
-    "adam": Algorithm(lrfuse.FusedAdam, torch.optim.Adam, "adam",
+    "adam": Algorithm(lrfuse.FusedAdam, torch.optim.Adam, "adam", 1e-2,
                       [{"betas": (0.8, 0.99), "eps": 1e-6}, {"weight_decay": 0.1, "betas": (0.9, 0.95)}, {"eps": 1e-4}],
                       [{"amsgrad": a, "maximize": m, "weight_decay": 0.05} for a in (False, True) for m in (False, True)],
                       {"amsgrad": True, "weight_decay": 0.01}),
-    "adamw": Algorithm(lrfuse.FusedAdamW, torch.optim.AdamW, "adam",
+    "adamw": Algorithm(lrfuse.FusedAdamW, torch.optim.AdamW, "adam", 1e-2,
                        [{"betas": (0.8, 0.99), "eps": 1e-6}, {"weight_decay": 0.1, "betas": (0.9, 0.95)}, {"eps": 1e-4}],
                        [{"amsgrad": a, "maximize": m} for a in (False, True) for m in (False, True)],
                        {"amsgrad": True, "weight_decay": 0.01}),
-    "rmsprop": Algorithm(lrfuse.FusedRMSprop, torch.optim.RMSprop, "rmsprop",
+    "rmsprop": Algorithm(lrfuse.FusedRMSprop, torch.optim.RMSprop, "rmsprop", 1e-2,
                          [{"alpha": 0.9, "eps": 1e-6}, {"weight_decay": 0.1, "alpha": 0.95}, {"momentum": 0.5}],
                          [{"centered": c, "momentum": mo, "maximize": m}
                           for c in (False, True) for mo in (0.0, 0.9) for m in (False, True)],
                          {"momentum": 0.9, "centered": True, "weight_decay": 0.01}),
-    "sgd": Algorithm(lrfuse.FusedSGD, torch.optim.SGD, "sgd",
+    "sgd": Algorithm(lrfuse.FusedSGD, torch.optim.SGD, "sgd", 1e-2,
                      [{"momentum": 0.9, "dampening": 0.1}, {"weight_decay": 0.1, "momentum": 0.5, "nesterov": True},
                       {"momentum": 0.0}],
                      [{"momentum": 0.0, "maximize": True, "weight_decay": 0.05}, {"momentum": 0.9},
                       {"momentum": 0.9, "dampening": 0.3, "maximize": True},
                       {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}],
                      {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
-    "adagrad": Algorithm(lrfuse.FusedAdagrad, torch.optim.Adagrad, "adagrad",
+    "adagrad": Algorithm(lrfuse.FusedAdagrad, torch.optim.Adagrad, "adagrad", 1e-1,
                          [{"lr_decay": 0.1, "eps": 1e-6}, {"weight_decay": 0.1}, {"initial_accumulator_value": 0.2}],
                          [{"lr_decay": 0.05, "maximize": m, "weight_decay": wd, "initial_accumulator_value": 0.1}
                           for m in (False, True) for wd in (0.0, 0.05)],
                          {"lr_decay": 0.01, "weight_decay": 0.01}),
-    "adadelta": Algorithm(lrfuse.FusedAdadelta, torch.optim.Adadelta, "adadelta",
+    "adadelta": Algorithm(lrfuse.FusedAdadelta, torch.optim.Adadelta, "adadelta", 1.0,
                           [{"rho": 0.8, "eps": 1e-5}, {"weight_decay": 0.1}, {"rho": 0.95}],
                           [{"maximize": m, "weight_decay": wd} for m in (False, True) for wd in (0.0, 0.05)],
                           {"weight_decay": 0.01}),
 }
 
 PAIRS = {name: (a.fused, a.torch) for name, a in ALGORITHMS.items()}
-# The learning rates the suite uses: a step of each algorithm moves parameters by about 1e-2.
-LR = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd": 1e-2, "adagrad": 1e-1, "adadelta": 1.0}
+# Each algorithm's suite learning rate by name (``ALGORITHMS[name].lr``), for the tests that index it so.
+LR = {name: a.lr for name, a in ALGORITHMS.items()}
 
 # torch's default float32 tolerances.
 FP32 = {"rtol": 1.3e-6, "atol": 1e-5}
@@ -150,7 +151,7 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
     fused_cls, torch_cls = PAIRS[name]
     dtype = params[0].dtype
     ref = [leaf(p.detach().float()) for p in params]
-    kwargs = {"lr": LR[name], **ALGORITHMS[name].low_precision}
+    kwargs = {"lr": ALGORITHMS[name].lr, **ALGORITHMS[name].low_precision}
     fused = fused_cls(params, **kwargs)
     oracle = torch_cls(ref, foreach=False, **kwargs)
     for step in range(steps):
@@ -159,13 +160,11 @@ def run_low_precision(name: str, params: list[torch.Tensor], steps: int = 20) ->
             with torch.no_grad():
                 q.copy_(p)
             q.grad = p.grad.float()
-        if step:  # from the second step on, state exists: start the oracle from ours
-            for p, q in zip(params, ref):
-                for key, value in fused.state[p].items():
-                    oracle.state[q][key].copy_(value)
-        elif name == "adagrad":  # torch creates Adagrad's state at construction: start equal
-            for p, q in zip(params, ref):
-                oracle.state[q]["sum"].copy_(fused.state[p]["sum"])
+        # Start the oracle's state from ours: from the second step on, and before the first where
+        # torch creates state at construction (Adagrad).
+        for p, q in zip(params, ref):
+            for key, value in oracle.state.get(q, {}).items():
+                value.copy_(fused.state[p][key])
         fused.step()
         oracle.step()
         for p, q in zip(params, ref):
@@ -183,12 +182,12 @@ def run_compiled_with_lr_changes(params: list[torch.Tensor], name: str = "adam",
     eagerly to create the state (its creation would otherwise be one more graph)."""
     algorithm = ALGORITHMS[name]
     ref = [clone_like(p) for p in params]
-    opt = algorithm.fused(params, lr=torch.tensor(LR[name], device=params[0].device), **algorithm.low_precision)
-    ref_opt = algorithm.torch(ref, lr=LR[name], foreach=False, **algorithm.low_precision)
+    opt = algorithm.fused(params, lr=torch.tensor(algorithm.lr, device=params[0].device), **algorithm.low_precision)
+    ref_opt = algorithm.torch(ref, lr=algorithm.lr, foreach=False, **algorithm.low_precision)
     torch._dynamo.reset()
     compiled = torch.compile(opt.step, fullgraph=True)
     for step in range(steps):
-        lr = LR[name] * 0.5**step
+        lr = algorithm.lr * 0.5**step
         opt.param_groups[0]["lr"].fill_(lr)
         ref_opt.param_groups[0]["lr"] = lr
         for p, q in zip(params, ref):

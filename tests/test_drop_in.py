@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lrfuse
-from parity import ALGORITHMS, FP32, LR, PAIRS, assert_same, clone_like, leaf, step_both
+from parity import ALGORITHMS, FP32, PAIRS, assert_same, clone_like, leaf, step_both
 
 
 def pair(name="adam", dtype=torch.float32, **kwargs):
@@ -83,16 +83,27 @@ def test_data_reassigned(name, dtype):
     assert not any(torch.equal(p.detach(), m) for p, m in zip(params, moved))
 
 
-# 3. Coupled weight decay rounds once, as torch's grad.add(param, alpha=wd).
-@pytest.mark.parametrize("name, kwargs", [("adam", {}), ("rmsprop", {"momentum": 0.9}), ("rmsprop", {})])
-def test_weight_decay_nearly_cancelled_by_the_gradient(name, kwargs):
+# 3. Coupled weight decay rounds once, as torch's grad.add(param, alpha=wd): each configuration of
+# parity.ALGORITHMS' flags, for every algorithm whose decay is coupled (AdamW's scales the parameter).
+def decouples_weight_decay(torch_cls) -> bool:
+    return torch_cls([leaf(torch.zeros(1))]).defaults.get("decoupled_weight_decay", False)
+
+
+COUPLED = [(name, i) for name, a in ALGORITHMS.items() if not decouples_weight_decay(a.torch)
+           for i in range(len(a.flags))]
+
+
+@pytest.mark.parametrize("name, config", COUPLED, ids=[f"{n}-{i}" for n, i in COUPLED])
+def test_weight_decay_nearly_cancelled_by_the_gradient(name, config):
     torch.manual_seed(0)
     wd = 0.1
     p = leaf(torch.randn(4096))
     q = clone_like(p)
-    fused_cls, torch_cls = PAIRS[name]
-    fused = fused_cls([p], lr=0.01, weight_decay=wd, **kwargs)
-    oracle = torch_cls([q], lr=0.01, weight_decay=wd, foreach=False, **kwargs)
+    algorithm = ALGORITHMS[name]
+    kwargs = {**algorithm.flags[config], "weight_decay": wd}
+    fused = algorithm.fused([p], lr=algorithm.lr, **kwargs)
+    oracle = algorithm.torch([q], lr=algorithm.lr, foreach=False, **kwargs)
+    sign = 1 if kwargs.get("maximize") else -1  # maximize negates the gradient before the decay is added
     for step in range(3):
         # The gradient cancels the decay to ~1e-7, so one rounding of wd * p is a 10% change of
         # the update's input; each step starts both from the same values (a one-ulp difference
@@ -101,11 +112,11 @@ def test_weight_decay_nearly_cancelled_by_the_gradient(name, kwargs):
             q.copy_(p)
         for key, value in fused.state[p].items():
             oracle.state[q][key].copy_(value)
-        p.grad = -wd * p.detach() + 1e-7 * torch.randn_like(p)
+        p.grad = sign * wd * p.detach() + 1e-7 * torch.randn_like(p)
         q.grad = p.grad.clone()
         fused.step()
         oracle.step()
-        assert_same(fused, oracle, [p], [q], FP32, f"{name} step {step}")
+        assert_same(fused, oracle, [p], [q], FP32, f"{name} {kwargs} step {step}")
 
 
 # 4. A compiled step with complex parameters.
@@ -127,33 +138,34 @@ def test_compiled_step_with_complex_params(backend):
         assert_same(opt, oracle, params, ref, FP32, f"compiled {backend} step {step}")
 
 
-# 5. One-element tensors of any shape, as torch's own test configurations pass them.
-@pytest.mark.parametrize("kwargs", [
-    {"lr": torch.tensor([0.01])},
-    {"lr": torch.tensor([[0.01]]), "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]]))},
-])
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_one_element_tensor_hyperparameters(name, kwargs):
+# 5. One-element tensors of any shape, as torch's own test configurations pass them: an lr of one
+# and of two dims for every algorithm, the second with betas where the algorithm has them; every
+# state in use.
+def one_element_hyperparameters(name: str) -> dict[str, dict]:
+    a = ALGORITHMS[name]
+    cases = {"1d": {"lr": torch.tensor([a.lr])}, "2d": {"lr": torch.tensor([[a.lr]])}}
+    if "betas" in inspect.signature(a.torch.__init__).parameters:
+        cases["2d"]["betas"] = (torch.tensor([[[0.9]]]), torch.tensor([[0.99]]))
+    return cases
+
+
+ONE_ELEMENT = [(name, case) for name in ALGORITHMS for case in one_element_hyperparameters(name)]
+
+
+@pytest.mark.parametrize("name, case", ONE_ELEMENT, ids=[f"{n}-{c}" for n, c in ONE_ELEMENT])
+def test_one_element_tensor_hyperparameters(name, case):
     torch.manual_seed(0)
     params = [leaf(torch.randn(6, 5)), leaf(torch.randn(5))]
     ref = [clone_like(p) for p in params]
-    fused_cls, torch_cls = PAIRS[name]
-    fused, oracle = fused_cls(params, **kwargs), torch_cls(ref, foreach=False, **copy.deepcopy(kwargs))
+    algorithm = ALGORITHMS[name]
+    kwargs = {**one_element_hyperparameters(name)[case], **algorithm.low_precision}
+    fused = algorithm.fused(params, **kwargs)
+    oracle = algorithm.torch(ref, foreach=False, **copy.deepcopy(kwargs))
     for i in range(3):
         step_both(params, ref, fused, oracle, f"{name} step {i}")
-    fused.param_groups[0]["lr"].fill_(0.05)  # a scheduler's fill_ reaches the table
-    oracle.param_groups[0]["lr"].fill_(0.05)
+    fused.param_groups[0]["lr"].fill_(5 * algorithm.lr)  # a scheduler's fill_ reaches the table
+    oracle.param_groups[0]["lr"].fill_(5 * algorithm.lr)
     step_both(params, ref, fused, oracle, "after fill_")
-
-
-def test_rmsprop_one_element_tensor_lr():
-    torch.manual_seed(0)
-    params = [leaf(torch.randn(6, 5))]
-    ref = [clone_like(p) for p in params]
-    fused = lrfuse.FusedRMSprop(params, lr=torch.tensor([0.01]))
-    oracle = torch.optim.RMSprop(ref, lr=torch.tensor([0.01]), foreach=False)
-    for i in range(3):
-        step_both(params, ref, fused, oracle, f"step {i}")
 
 
 # 6. Meta parameters step as in torch's for-loop: no computation, state on meta, no warning.
@@ -314,7 +326,7 @@ def test_group_value_changed_in_place(edit):
 @pytest.mark.parametrize("name", PAIRS)
 def test_step_bumps_the_version_of_every_tensor_it_writes(name):
     params = [leaf(torch.randn(6, 5)), leaf(torch.randn(5))]
-    opt = PAIRS[name][0](params, lr=LR[name], **ALGORITHMS[name].low_precision)  # every state in use
+    opt = PAIRS[name][0](params, lr=ALGORITHMS[name].lr, **ALGORITHMS[name].low_precision)  # every state in use
     for step in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -335,6 +347,6 @@ def test_backward_through_a_parameter_the_step_changed_raises_as_in_torch(name):
         w, x = leaf(torch.randn(3, 3)), leaf(torch.randn(2, 3))
         loss = (x @ w).sum()  # saves w for x's gradient
         w.grad = torch.ones(3, 3)
-        cls([w], lr=LR[name]).step()
+        cls([w], lr=ALGORITHMS[name].lr).step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()

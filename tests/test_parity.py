@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lrfuse.threads import torch_threads
-from parity import ALGORITHMS, LR, clone_like, leaf, run_low_precision, run_parity, step_both
+from parity import ALGORITHMS, clone_like, leaf, run_low_precision, run_parity, step_both
 
 CHUNK = 65536  # kChunkSize in csrc/cuda/launch_plan.h: bigger tensors span several blocks
 NAMES = list(ALGORITHMS)
@@ -41,7 +41,7 @@ def three_groups(name: str, dev: torch.device) -> list[dict]:
     ]
     ps = [leaf(t) for t in tensors]
     extras = ALGORITHMS[name].group_extras
-    lr = LR[name]
+    lr = ALGORITHMS[name].lr
     return [
         {"params": ps[0:3], "lr": lr, **extras[0]},
         {"params": ps[3:6], "lr": lr * 0.3, **extras[1]},
@@ -74,7 +74,7 @@ def test_threads_split_the_work(name, backend):
             assert torch.get_num_threads() == threads
             groups = split_by_threads(name, backend)
             torch.manual_seed(7)  # the same gradients in every run
-            fused, _ = run_parity(name, groups, steps=3, has_grad=some_missing, lr=LR[name])
+            fused, _ = run_parity(name, groups, steps=3, has_grad=some_missing, lr=ALGORITHMS[name].lr)
         params = [p for g in fused.param_groups for p in g["params"]]
         results[threads] = [t.detach() for p in params for t in (p, *fused.state[p].values()) if torch.is_tensor(t)]
     for threads in (2, 3):
@@ -85,7 +85,8 @@ def test_threads_split_the_work(name, backend):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_groups_with_own_hyperparameters(name, backend):
-    fused, _ = run_parity(name, three_groups(name, backend), steps=12, has_grad=some_missing, lr=LR[name])
+    fused, _ = run_parity(name, three_groups(name, backend), steps=12, has_grad=some_missing,
+                          lr=ALGORITHMS[name].lr)
     if fused._rule.counts_steps:  # a step without a gradient does not count
         steps = [fused.state[p]["step"].item() for g in fused.param_groups for p in g["params"]]
         assert steps == [sum(some_missing(s, i) for s in range(12)) for i in range(8)]
@@ -94,7 +95,7 @@ def test_groups_with_own_hyperparameters(name, backend):
 @pytest.mark.parametrize("name, config", FLAGS, ids=[f"{n}-{i}" for n, i in FLAGS])
 def test_flags(name, config, backend):
     run_parity(name, three_groups(name, backend), steps=8, has_grad=some_missing,
-               **{"lr": LR[name], **ALGORITHMS[name].flags[config]})
+               **{"lr": ALGORITHMS[name].lr, **ALGORITHMS[name].flags[config]})
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -114,7 +115,7 @@ def test_grad_strides_differ_from_param(name, backend):
         return g
 
     run_parity(name, [{"params": params}], steps=6, grad_like=odd_grad,
-               **{"lr": LR[name], **ALGORITHMS[name].low_precision})
+               **{"lr": ALGORITHMS[name].lr, **ALGORITHMS[name].low_precision})
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -127,14 +128,16 @@ def test_odd_parameters(name, backend):
         leaf(torch.randn((), device=backend)),
         leaf(torch.randn(6, 3, dtype=torch.complex64, device=backend)),
     ]
-    run_parity(name, [{"params": params}], steps=6, **{"lr": LR[name], **ALGORITHMS[name].low_precision})
+    run_parity(name, [{"params": params}], steps=6,
+               **{"lr": ALGORITHMS[name].lr, **ALGORITHMS[name].low_precision})
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_float64(name, backend):
     torch.manual_seed(6)
     run_parity(name, [{"params": [leaf(torch.randn(64, dtype=torch.float64, device=backend))]}], steps=6,
-               tol={"rtol": 1e-12, "atol": 1e-12}, **{"lr": LR[name], **ALGORITHMS[name].low_precision})
+               tol={"rtol": 1e-12, "atol": 1e-12},
+               **{"lr": ALGORITHMS[name].lr, **ALGORITHMS[name].low_precision})
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if ALGORITHMS[n].fused._rule.counts_steps])
@@ -146,7 +149,7 @@ def test_float64_default_dtype_keeps_step_float64(name, backend):
     try:
         torch.manual_seed(4)
         params = [leaf(torch.randn(33, device=backend)), leaf(torch.randn(2 * CHUNK + 5, device=backend))]
-        fused, _ = run_parity(name, [{"params": params}], steps=3, lr=LR[name])
+        fused, _ = run_parity(name, [{"params": params}], steps=3, lr=ALGORITHMS[name].lr)
         for p in params:
             assert fused.state[p]["step"].dtype == torch.float64 and float(fused.state[p]["step"]) == 3
     finally:
@@ -159,11 +162,11 @@ def test_tensor_lr(name, backend):
     torch.manual_seed(8)
     params = [leaf(torch.randn(20, device=backend)), leaf(torch.randn(5, 3, device=backend))]
     ref = [clone_like(p) for p in params]
-    fused_cls, torch_cls = ALGORITHMS[name].fused, ALGORITHMS[name].torch
-    fused = fused_cls(params, lr=torch.tensor(LR[name], device=backend))
-    oracle = torch_cls(ref, lr=LR[name], foreach=False)
+    algorithm = ALGORITHMS[name]
+    fused = algorithm.fused(params, lr=torch.tensor(algorithm.lr, device=backend))
+    oracle = algorithm.torch(ref, lr=algorithm.lr, foreach=False)
     for step in range(5):
-        lr = LR[name] * 0.5**step
+        lr = algorithm.lr * 0.5**step
         fused.param_groups[0]["lr"].fill_(lr)
         oracle.param_groups[0]["lr"] = lr
         step_both(params, ref, fused, oracle, f"step {step}")
@@ -175,13 +178,14 @@ def test_lr_change_between_steps_takes_effect(name, backend):
     groups = three_groups(name, backend)
     ref_groups = [{**g, "params": [clone_like(p) for p in g["params"]]} for g in groups]
     algorithm = ALGORITHMS[name]
-    fused, oracle = algorithm.fused(groups, lr=LR[name]), algorithm.torch(ref_groups, lr=LR[name], foreach=False)
+    fused = algorithm.fused(groups, lr=algorithm.lr)
+    oracle = algorithm.torch(ref_groups, lr=algorithm.lr, foreach=False)
     params = [p for g in fused.param_groups for p in g["params"]]
     ref_params = [p for g in oracle.param_groups for p in g["params"]]
     for step in range(6):
         for opt in (fused, oracle):
             for k, group in enumerate(opt.param_groups):
-                group["lr"] = LR[name] * 0.7**step * (k + 1)
+                group["lr"] = algorithm.lr * 0.7**step * (k + 1)
         step_both(params, ref_params, fused, oracle, f"step {step}")
 
 
@@ -194,14 +198,18 @@ def test_low_precision_matches_fp32_math(name, dtype, backend):
                              leaf(torch.randn(CHUNK + 9, device=backend).to(dtype))], steps=8)
 
 
-OPTIONAL = {"adam": {"amsgrad": True}, "adamw": {"amsgrad": True}, "rmsprop": {"momentum": 0.9, "centered": True},
-            "sgd": {"momentum": 0.9}}
+# The algorithms whose rule has optional state (the others' groups all keep the same state).
+OPTIONAL = [name for name in NAMES if ALGORITHMS[name].fused._rule.optional_states]
 
 
-@pytest.mark.parametrize("name", list(OPTIONAL))
+@pytest.mark.parametrize("name", OPTIONAL)
 def test_groups_may_differ_in_optional_state(name, backend):
-    """A group with the optional state and one without: two native calls on one device."""
+    """A group with the optional state (its every-state settings) and one with the class's
+    defaults, which keep none: two native calls on one device."""
     torch.manual_seed(1)
-    groups = [{"params": [leaf(torch.randn(10, device=backend))], **OPTIONAL[name]},
+    algorithm = ALGORITHMS[name]
+    groups = [{"params": [leaf(torch.randn(10, device=backend))], **algorithm.low_precision},
               {"params": [leaf(torch.randn(4, 4, device=backend))]}]
-    run_parity(name, groups, steps=5, lr=LR[name])
+    fused, _ = run_parity(name, groups, steps=5, lr=algorithm.lr)
+    with_optional, without = (fused.state[g["params"][0]].keys() for g in fused.param_groups)
+    assert with_optional - without == set(fused._rule.optional_states), name
