@@ -40,9 +40,10 @@ fi
 
 if [[ " $stages " == *" bench "* ]]; then
   echo "== benchmark"
-  # `large` at 1e9 parameters (issue 5's size): all implementations of a row stay alive, ~48 GB.
+  # `large` at 1e9 parameters (issue 5's size): all implementations of a row stay alive, ~64 GB
+  # with the measured step (--stats, issue 21; STATS= leaves it out, ~48 GB).
   # The optimizers torch also has a fused CUDA step for; every workload.
-  "$PY" benchmarks/bench_step.py --device cuda --large-params "${LARGE_PARAMS:-1e9}" \
+  "$PY" benchmarks/bench_step.py --device cuda --large-params "${LARGE_PARAMS:-1e9}" ${STATS---stats} \
     --optimizers "${OPTIMIZERS:-FusedAdam,FusedAdamW,FusedSGD}" \
     --json "$results/bench_cuda.json" --plot "$results/bench_cuda.png" 2>&1 | tee "$results/bench.log"
   (( PIPESTATUS[0] == 0 )) || status=1

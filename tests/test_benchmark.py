@@ -67,3 +67,15 @@ def test_amp_benchmark_reports_every_path(tmp_path):
     row = json.loads(out.read_text())["rows"]["tiny"]
     assert set(row) == {"lrfuse in-kernel", "lrfuse unscale_", "torch foreach", "torch fused", "restore"}
     assert all(v["median_s"] > 0 for v in row.values())
+
+
+def test_health_benchmark_times_every_configuration(tmp_path):
+    """benchmarks/bench_health.py: LRHealthMonitor's cost in real fits, every configuration of each model."""
+    bench_health = load_benchmark("bench_health")
+    out = tmp_path / "health.json"
+    assert bench_health.main(["--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"demo", "mlp_256"}
+    for row in rows.values():
+        assert row["params"] > 0 and row["none"]["vs_none"] == 1.0
+        assert all(row[c]["step_ms"] > 0 for c in bench_health.CONFIGS)
