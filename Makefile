@@ -6,6 +6,9 @@ VENV ?= .venv
 # torch 2.14.1 is a CUDA build, so the CUDA kernels compile even on a machine without a GPU.
 TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
+# Importing Lightning (torch._dynamo) makes inductor's cache folder, in the system temp dir unless
+# told: every job here keeps it in the venv, so the demo, tests and benchmarks leave nothing in /tmp.
+export TORCHINDUCTOR_CACHE_DIR ?= $(abspath $(VENV))/inductor
 NATIVE_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 # The oldest torch and Lightning lrfuse supports (pyproject's floors), tested by `make test-oldest`.
@@ -88,7 +91,7 @@ $(VENV)/.deps:
 # --no-build-isolation: compile against the torch installed above, not a fresh one.
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
-	TORCHINDUCTOR_CACHE_DIR=$(abspath $(VENV))/inductor $(VENV)/bin/lrfuse --version  # importing Lightning makes inductor's folder: in the venv, not /tmp
+	$(VENV)/bin/lrfuse --version
 	touch $@
 
 clean:
