@@ -29,7 +29,7 @@ def quiet(tmp_path, steps=4):
 
 def test_flags_optimizer_and_callbacks(tmp_path):
     cli = build_cli(run=False, args=[
-        "--optimizer", "lrfuse.FusedAdam", "--optimizer.lr", "3e-4",
+        "--optimizer", "lrfuse.FusedAdam", "--optimizer.lr", "3e-4", "--optimizer.track_stats", "true",
         "--trainer.callbacks+=lrfuse.LRFinder", "--trainer.callbacks.num_steps=30",
         "--trainer.callbacks.min_lr=1e-5",
         "--trainer.callbacks+=lrfuse.LRSchedule", "--trainer.callbacks.schedule=cosine",
@@ -41,10 +41,11 @@ def test_flags_optimizer_and_callbacks(tmp_path):
     opt = cli.model.configure_optimizers()
     opt = opt[0] if isinstance(opt, (list, tuple)) else opt
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
-    assert isinstance(opt, lrfuse.FusedAdam) and opt.param_groups[0]["lr"] == 3e-4
+    assert isinstance(opt, lrfuse.FusedAdam) and opt.param_groups[0]["lr"] == 3e-4 and opt.track_stats is True
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 4
     assert isinstance(cli.trainer.optimizers[0], lrfuse.FusedAdam)
+    assert cli.trainer.optimizers[0].group_stats()[0]["update_norm"] > 0  # measured the last step
     assert finder.result is not None
     health = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRHealthMonitor))
     assert health.every_n_steps == 1 and len(health.status) == 1  # one group: one verdict
