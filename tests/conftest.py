@@ -25,9 +25,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))
 def pytest_configure(config):
     """pytest's own tmp path in the project's pytest cache folder (unless ``--basetemp`` is given),
     not ``pytest-of-<user>`` in the system temp dir: a test run leaves nothing there. Before
-    pytest's tmp-path plugin reads the option."""
+    pytest's tmp-path plugin reads the option. pytest makes the basetemp folder but not its
+    parent, which on a fresh clone nothing else has made yet (make's runs give
+    ``--basetemp=.pytest_cache/tmp-ray``)."""
     if config.option.basetemp is None:
         config.option.basetemp = str(_CACHE / "tmp")
+    Path(config.option.basetemp).resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
 def pytest_sessionstart(session):
