@@ -7,6 +7,9 @@ on a socket the test binds to 127.0.0.1 (nothing listens on another address; glo
 loopback interface too), compare against a single-process ``torch.optim`` reference (foreach=False)
 on the same initial weights and data, and write what they found (differences, or each case's
 traceback) to a JSON file per rank that the tests assert on. Each worker destroys its process group.
+A rank that dies of a native crash whose crashing thread runs no lrfuse code (faulthandler's report
+says which) gets one more run of both ranks, with a warning: CI once saw glibc abort a rank under
+load, and valgrind found no invalid access by lrfuse on that path.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from parity import ALGORITHMS, LR
+
+import lrfuse
 
 WORLD = 2
 STEPS = 4
@@ -290,7 +296,8 @@ def _spawn(name: str, out_dir: Path, timeout: float = 600.0) -> list[dict]:
         for rank in range(WORLD):
             log = open(out_dir / f"rank{rank}.log", "w")
             logs.append(log)
-            cmd = [sys.executable, __file__, ",".join(CASES), json.dumps(_spec(name)), str(rank), str(port),
+            # -X faulthandler: a rank that crashes in native code still leaves its Python stack in the log.
+            cmd = [sys.executable, "-X", "faulthandler", __file__, ",".join(CASES), json.dumps(_spec(name)), str(rank), str(port),
                    str(listener.fileno()), str(out_dir)]
             # Rank 0 inherits the listening socket and serves the store on it.
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -313,10 +320,20 @@ def _spawn(name: str, out_dir: Path, timeout: float = 600.0) -> list[dict]:
     results = []
     for rank, p in enumerate(procs):
         path = out_dir / f"rank{rank}.json"
+        log = (out_dir / f"rank{rank}.log").read_text()
         results.append(json.loads(path.read_text()) if path.exists() else {
             "rank": rank, "error": f"rank {rank} wrote no result (exit code {p.returncode}); its output ends:\n"
-                                   + (out_dir / f"rank{rank}.log").read_text()[-3000:]})
+                                   + log[-3000:], "foreign_crash": _crashed_outside_lrfuse(log)})
     return results
+
+
+def _crashed_outside_lrfuse(log: str) -> bool:
+    """Whether a rank's log holds faulthandler's report of a native crash whose crashing thread ran
+    no lrfuse code (a gloo or store thread, torch's own ops). A crash inside lrfuse's step is a bug
+    to fail on, never one to retry."""
+    report = log.partition("Fatal Python error:")[2]
+    crashing_thread = report.partition("Current thread")[2].partition("\n\n")[0]
+    return bool(crashing_thread) and str(Path(lrfuse.__file__).parent) not in crashing_thread
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +344,11 @@ def spawned(tmp_path_factory):
     def get(name: str, case: str) -> list[dict]:
         if name not in runs:
             runs[name] = _spawn(name, tmp_path_factory.mktemp(name))
+            crashed = [r for r in runs[name] if r.get("foreign_crash")]
+            if crashed:  # once seen in CI under load: glibc's abort in a rank, in no lrfuse frame
+                warnings.warn(f"{name}: a rank crashed outside lrfuse's code; running both again. "
+                              + "\n".join(r["error"] for r in crashed))
+                runs[name] = _spawn(name, tmp_path_factory.mktemp(name))
         errors = [f"rank {r['rank']}:\n{r.get(case, r).get('error', '')}" for r in runs[name]
                   if "error" in r or "error" in r.get(case, {})]
         assert not errors, "\n".join(errors)
@@ -381,3 +403,15 @@ def test_fsdp2_distributed_checkpoint_round_trip(name, spawned):
 if __name__ == "__main__":
     cases, spec, rank, port, listen_fd, out_dir = sys.argv[1:]
     sys.exit(_worker(cases, spec, int(rank), int(port), int(listen_fd), out_dir))
+
+
+@pytest.mark.parametrize("where", ["torch", "lrfuse"])
+def test_only_a_crash_outside_lrfuse_is_run_again(where, tmp_path):
+    """The retry above reads faulthandler's report of a real abort: one in a torch call is
+    foreign, one with lrfuse's step (here its constructor) on the crashing thread's stack is not."""
+    crash = {"torch": "import os, torch; torch.tensor([1.0]).apply_(lambda x: os.abort())",
+             "lrfuse": "import os, lrfuse; lrfuse.FusedSGD((os.abort() for _ in [0]), lr=0.1)"}[where]
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", crash], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode < 0, run.stderr
+    assert _crashed_outside_lrfuse(run.stderr) == (where == "torch"), run.stderr
