@@ -24,7 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- docs-test: (?P<tags>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)\n```", re.DOTALL)
-_SET_BY_SEARCH = ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # lrfuse.lightning.search.cluster
+# Set in this process by an earlier test's search: lrfuse.lightning.search.cluster (the token, the
+# local-only switch) and Ray's local start (RAY_AUTH_MODE=token).
+_SET_BY_SEARCH = ("RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")
 LIMIT_S = 900  # a safety net: the README's examples take about a minute each on a loaded 2-core machine
 
 

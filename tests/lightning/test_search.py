@@ -578,6 +578,22 @@ def _listening_sockets_of_ray() -> list[tuple[str, int, int]]:
     return found
 
 
+@pytest.mark.parametrize("mode", [None, "token", "TOKEN", "disabled"])
+def test_a_local_start_gets_a_token_in_the_environment_unless_auth_is_off(mode, tmp_path, monkeypatch):
+    # RAY_AUTH_MODE=token is what Ray's own local start leaves in the process (and its children)
+    # after the first search: a later start must still get a token, or Ray writes ~/.ray/auth_token.
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    if mode is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    monkeypatch.setattr(cluster, "_TOKEN_FILE", str(tmp_path / "no_token_here"))
+    cluster.ensure_token()
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    assert (token is not None) == (mode != "disabled")
+    cluster.ensure_token()  # once given, the token stays: Ray keeps the first it reads
+    assert os.environ.get("RAY_AUTH_TOKEN") == token
+
+
 def test_a_search_that_starts_ray_keeps_rays_folders_in_its_own(tmp_path, monkeypatch):
     # Last in this module: it ends the module's Ray session. Ray would put its session folders (logs,
     # sockets) in <TMPDIR>/ray and leave them there; the search keeps them in its scratch folder,

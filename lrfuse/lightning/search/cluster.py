@@ -21,7 +21,8 @@ __all__ = ["ensure_token", "import_ray", "init", "session_dir_in"]
 
 _LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Where Ray looks for its authentication mode and token.
-_AUTH_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_AUTH_MODE = "RAY_AUTH_MODE"
+_TOKEN_SETTINGS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _TOKEN_FILE = os.path.expanduser("~/.ray/auth_token")
 
 
@@ -79,11 +80,16 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
 
 
 def ensure_token() -> None:
-    """Give a local Ray an authentication token through the environment, unless the user chose a
-    mode or a token. Ray (2.60) turns token authentication on for a local start and, finding no
-    token, writes one to ``~/.ray/auth_token``, a file that would outlive the search. The token
-    stays for the process: Ray keeps the first one it reads, so every later start must use it too."""
-    if not any(k in os.environ for k in _AUTH_SETTINGS) and not os.path.exists(_TOKEN_FILE):
+    """Give a local Ray an authentication token through the environment, unless authentication is
+    off (``RAY_AUTH_MODE`` other than ``token``) or the user has a token (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``). Ray (2.60) turns token authentication on for a
+    local start (setting ``RAY_AUTH_MODE=token`` in the process, which its children inherit) and,
+    finding no token, writes one to ``~/.ray/auth_token``, a file that would outlive the search.
+    The token stays for the process: Ray keeps the first one it reads, so every later start must
+    use it too."""
+    if os.environ.get(_AUTH_MODE, "token").lower() != "token":
+        return
+    if not any(k in os.environ for k in _TOKEN_SETTINGS) and not os.path.exists(_TOKEN_FILE):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
