@@ -1,5 +1,6 @@
-// CPU kernels of the fused ops, every rule through the same code: one parallel region per call
-// over every tensor of every group (plan.h), the rule's element math (rules/) in the loop.
+// CPU kernels of the fused ops, every rule through the same code: the checks, then one parallel
+// region per call over every tensor of every group (plan.h), each run of elements in a loop of
+// loops.h (compiled in plain_loops.cpp and measured_loops.cpp) or, when strided, the loop below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -7,124 +8,21 @@
 #include <atomic>
 #include <utility>
 
-#include "../cpu_isa.h"
 #include "../fused_op.h"
+#include "loops.h"
 #include "plan.h"
 
 namespace lrfuse::cpu {
+
+// The contiguous loops are compiled in plain_loops.cpp and measured_loops.cpp, not here.
+#define LRFUSE_EXTERN_LOOPS(Rule) LRFUSE_CPU_LOOPS(extern, Rule, false) LRFUSE_CPU_LOOPS(extern, Rule, true)
+LRFUSE_RULES(LRFUSE_EXTERN_LOOPS)
+#undef LRFUSE_EXTERN_LOOPS
+
 namespace {
 
 using at::Tensor;
 using at::TensorList;
-
-template <typename Rule, typename scalar_t>
-using ConstsOf = typename Rule::template Consts<at::opmath_type<scalar_t>>;
-
-// update_element and flat take the states as separate __restrict__ pointers, which GCC needs to
-// vectorize without run-time alias checks; a rule with a fourth state adds one here.
-static_assert(kMaxStates == 3, "update_element / flat take three state pointers: add one per state");
-
-// One element: the rule's update of p (given as `pi`) with the gradient `gi` (unscaled, and
-// negated when maximizing), its states loaded from and stored to the state pointers present
-// under kFlags; returns the new parameter as stored.
-template <typename Rule, unsigned kFlags, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-__attribute__((always_inline)) inline scalar_t update_element(int64_t i, opmath_t pi, opmath_t gi, scalar_t* __restrict__ s0,
-                                                              scalar_t* __restrict__ s1, scalar_t* __restrict__ s2,
-                                                              const ConstsOf<Rule, scalar_t>& c) {
-  constexpr int kStates = num_states<Rule>();
-  constexpr bool k0 = kStates > 0 && state_present<Rule>(kFlags, 0);
-  constexpr bool k1 = kStates > 1 && state_present<Rule>(kFlags, 1);
-  constexpr bool k2 = kStates > 2 && state_present<Rule>(kFlags, 2);
-  opmath_t s[kStates > 0 ? kStates : 1] = {};
-  if constexpr (k0) s[0] = s0[i];
-  if constexpr (k1) s[1] = s1[i];
-  if constexpr (k2) s[2] = s2[i];
-  Rule::update(pi, gi, s, c, Flags<kFlags>{});
-  if constexpr (k0) s0[i] = s[0];
-  if constexpr (k1) s1[i] = s[1];
-  if constexpr (k2) s2[i] = s[2];
-  return static_cast<scalar_t>(pi);
-}
-
-// The element loops. The contiguous loop is specialised per combination of the rule's flags
-// (which optional states are present, and its switches such as weight decay), so the loop body
-// has no branch and no conditional load and GCC vectorizes it; the clones give AVX-512, AVX2 and
-// baseline versions, picked for the running processor. `maximize` is a multiply by -1 (exact).
-// The loop has two copies, with and without the grad_scale division: in cache (`tiny`) a step is
-// bound by divide/sqrt throughput, and dividing by a missing scale of 1 would add a divide per
-// element. The strided loop (transposed or sliced tensors, rare) reads the flags at run time.
-//
-// A measured step (`sums`: fused_op.h's kStat columns) runs the same update with the sums in the
-// loop, in blocks of kStatsBlock elements: `omp simd` lets the lanes sum a block's few terms in the
-// math type (float32 rounding of a sum of 32 squares, not of thousands), and blocks add up in
-// double. The squares are fused multiply-adds, and the non-finite count is taken only for a block
-// whose squared-gradient sum is not finite (a NaN or inf gradient makes it so): three instructions
-// an element. A pass that keeps the parameters and two more loops around the plain one cost 1.5x
-// it in cache, this 1.35x (design note).
-constexpr int64_t kStatsBlock = 256;
-
-template <typename scalar_t, bool kScaled>
-int64_t count_nonfinite(int64_t n, const scalar_t* g, at::opmath_type<scalar_t> scale) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const opmath_t gi = kScaled ? g[i] / scale : opmath_t(g[i]);
-    count += !std::isfinite(gi);
-  }
-  return count;
-}
-
-template <typename Rule, unsigned kFlags, bool kScaled, bool kMeasured, typename scalar_t>
-LRFUSE_CPU_CLONES void flat(int64_t n, scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                            scalar_t* __restrict__ s0, scalar_t* __restrict__ s1, scalar_t* __restrict__ s2,
-                            ConstsOf<Rule, scalar_t> c, at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> sign,
-                            double* sums) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  if constexpr (!kMeasured) {
-    for (int64_t i = 0; i < n; ++i) {
-      opmath_t gi = g[i];
-      if constexpr (kScaled) gi = gi / scale;
-      p[i] = update_element<Rule, kFlags>(i, opmath_t(p[i]), gi * sign, s0, s1, s2, c);
-    }
-  } else {
-    for (int64_t start = 0; start < n; start += kStatsBlock) {
-      const int64_t end = std::min(n, start + kStatsBlock);
-      opmath_t update_sq = 0, param_sq = 0, grad_sq = 0;
-#pragma omp simd reduction(+ : update_sq, param_sq, grad_sq)
-      for (int64_t i = start; i < end; ++i) {
-        const opmath_t before = p[i];
-        opmath_t gi = g[i];
-        if constexpr (kScaled) gi = gi / scale;
-        const scalar_t after = update_element<Rule, kFlags>(i, before, gi * sign, s0, s1, s2, c);
-        p[i] = after;
-        const opmath_t d = static_cast<opmath_t>(after) - before;  // exact when below the weight
-        update_sq = std::fma(d, d, update_sq);
-        param_sq = std::fma(before, before, param_sq);
-        grad_sq = std::fma(gi, gi, grad_sq);
-      }
-      sums[kUpdateSq] += update_sq;
-      sums[kParamSq] += param_sq;
-      sums[kGradSq] += grad_sq;
-      if (!std::isfinite(grad_sq)) sums[kNonfinite] += count_nonfinite<scalar_t, kScaled>(end - start, g + start, scale);
-    }
-  }
-}
-
-template <typename Rule, typename scalar_t>
-using FlatLoop = void (*)(int64_t, scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
-                          ConstsOf<Rule, scalar_t>, at::opmath_type<scalar_t>, at::opmath_type<scalar_t>, double*);
-
-// Every specialisation of `flat`: entry 4 * flags + 2 * measured + scaled.
-template <typename Rule, typename scalar_t, size_t... I>
-constexpr std::array<FlatLoop<Rule, scalar_t>, sizeof...(I)> flat_loops(std::index_sequence<I...>) {
-  return {&flat<Rule, static_cast<unsigned>(I / 4), I % 2 == 1, I / 2 % 2 == 1, scalar_t>...};
-}
-
-template <typename Rule, typename scalar_t>
-FlatLoop<Rule, scalar_t> pick_flat(unsigned flags, bool scaled, bool measured) {
-  static const auto loops = flat_loops<Rule, scalar_t>(std::make_index_sequence<4u << Rule::kNumFlags>());
-  return loops[4 * flags + 2 * measured + scaled];
-}
 
 // `sums`: null, or the kStat columns to add this run's sums to.
 template <typename Rule, typename scalar_t>
@@ -250,8 +148,9 @@ struct Cpu {
         Plan::for_each_run<scalar_t>(plan.walk(i), lo, hi, [&](auto contiguous, int64_t n, auto ptrs, const int64_t* s) {
           if constexpr (decltype(contiguous)::value) {
             const bool scaled = scale_value != opmath_t(1);  // no grad_scale, or one of 1: g / 1 == g
-            pick_flat<Rule, scalar_t>(flags, scaled, sums != nullptr)(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c,
-                                                                    scale_value, sign, sums);
+            const auto loop = sums ? flat_loop<Rule, scalar_t, true>(flags, scaled)
+                                   : flat_loop<Rule, scalar_t, false>(flags, scaled);
+            loop(n, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c, scale_value, sign, sums);
           } else {
             strided<Rule, scalar_t>(n, ptrs, s, c, scale_value, sign, flags, sums);
           }
