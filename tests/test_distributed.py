@@ -297,8 +297,8 @@ def _spawn(name: str, out_dir: Path, timeout: float = 600.0) -> list[dict]:
             log = open(out_dir / f"rank{rank}.log", "w")
             logs.append(log)
             # -X faulthandler: a rank that crashes in native code still leaves its Python stack in the log.
-            cmd = [sys.executable, "-X", "faulthandler", __file__, ",".join(CASES), json.dumps(_spec(name)), str(rank), str(port),
-                   str(listener.fileno()), str(out_dir)]
+            cmd = [sys.executable, "-X", "faulthandler", __file__, ",".join(CASES), json.dumps(_spec(name)), str(rank),
+                   str(port), str(listener.fileno()), str(out_dir)]
             # Rank 0 inherits the listening socket and serves the store on it.
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           pass_fds=(listener.fileno(),) if rank == 0 else ()))
@@ -400,11 +400,6 @@ def test_fsdp2_distributed_checkpoint_round_trip(name, spawned):
         assert all(r["equal"]), f"rank {r['rank']}: max abs differences {r['max_abs']}"
 
 
-if __name__ == "__main__":
-    cases, spec, rank, port, listen_fd, out_dir = sys.argv[1:]
-    sys.exit(_worker(cases, spec, int(rank), int(port), int(listen_fd), out_dir))
-
-
 @pytest.mark.parametrize("where", ["torch", "lrfuse"])
 def test_only_a_crash_outside_lrfuse_is_run_again(where, tmp_path):
     """The retry above reads faulthandler's report of a real abort: one in a torch call is
@@ -415,3 +410,8 @@ def test_only_a_crash_outside_lrfuse_is_run_again(where, tmp_path):
                          timeout=120, cwd=tmp_path)
     assert run.returncode < 0, run.stderr
     assert _crashed_outside_lrfuse(run.stderr) == (where == "torch"), run.stderr
+
+
+if __name__ == "__main__":
+    cases, spec, rank, port, listen_fd, out_dir = sys.argv[1:]
+    sys.exit(_worker(cases, spec, int(rank), int(port), int(listen_fd), out_dir))

@@ -52,7 +52,8 @@ __attribute__((always_inline)) inline scalar_t update_element(int64_t i, opmath_
 // baseline versions, picked for the running processor. `maximize` is a multiply by -1 (exact).
 // The loop has two copies, with and without the grad_scale division: in cache (`tiny`) a step is
 // bound by divide/sqrt throughput, and dividing by a missing scale of 1 would add a divide per
-// element. The strided loop (transposed or sliced tensors, rare) reads the flags at run time.
+// element. The strided loop (fused_optim.cpp: transposed or sliced tensors, rare) reads the flags at
+// run time.
 //
 // A measured step (`sums`: fused_op.h's kStat columns) runs the same update with the sums in the
 // loop, in blocks of kStatsBlock elements: `omp simd` lets the lanes sum a block's few terms in the
