@@ -5,7 +5,8 @@ this interleaves whole benchmark runs instead: A, B, A, B, ... each in its own p
 (``lrfuse.benchmark.main`` with the tree first on PYTHONPATH). Within each run torch's own
 implementations are timed beside lrfuse's, so every lrfuse time is read as a ratio to torch's best
 in the same run; drift of the shared machine between runs cancels in that ratio. Reports, per
-workload and optimizer, the median over runs of each build's ratio, and B's over A's.
+workload and optimizer, the median over runs of each build's ratio, and B's over A's; with
+``--stats`` (passed on to the benchmark), also each build's median cost of ``track_stats=True``.
 
     python benchmarks/compare_builds.py /tmp/before /work/main --rounds 2 --optimizers FusedAdam,FusedRMSprop
 """
@@ -46,13 +47,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: {label} done", file=sys.stderr, flush=True)
     summary = []
     keys = [(row["workload"], row["optimizer"]) for row in runs["before"][0]["rows"]]
-    print("| workload | optimizer | before: x torch best | after: x torch best | after / before |")
-    print("|---|---|--:|--:|--:|")
+    stats = "stats_cost" in runs["before"][0]["rows"][0]
+    print("| workload | optimizer | before: x torch best | after: x torch best | after / before |"
+          + " stats cost before | stats cost after |" * stats)
+    print("|---|---|--:|--:|--:|" + "--:|--:|" * stats)
     for k, key in enumerate(keys):
         ratio = {label: statistics.median(run["rows"][k]["ratios"]["best"] for run in runs[label]) for label in runs}
         change = ratio["after"] / ratio["before"]
-        summary.append({"workload": key[0], "optimizer": key[1], **ratio, "after_over_before": change})
-        print(f"| {key[0]} | {key[1]} | {ratio['before']:.2f} | {ratio['after']:.2f} | {change:.2f} |")
+        entry = {"workload": key[0], "optimizer": key[1], **ratio, "after_over_before": change}
+        line = f"| {key[0]} | {key[1]} | {ratio['before']:.2f} | {ratio['after']:.2f} | {change:.2f} |"
+        if stats:
+            cost = {label: statistics.median(run["rows"][k]["stats_cost"] for run in runs[label]) for label in runs}
+            entry["stats_cost"] = cost
+            line += f" {100 * cost['before']:+.1f}% | {100 * cost['after']:+.1f}% |"
+        summary.append(entry)
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     return 0

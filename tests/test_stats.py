@@ -159,6 +159,26 @@ def test_the_same_step_gives_the_same_bits_at_any_thread_count():
     assert torch.equal(once, measured(1))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_split_the_tiles_by_elements_and_sum_each_once(threads):
+    # Tensors of many tiles beside one-tile and empty ones, in two interleaved groups: the
+    # threads' shares of the element space start inside tiles and inside tensors.
+    torch.set_num_threads(threads)  # restored by conftest's autouse fixture
+    g = torch.Generator().manual_seed(3)
+    sizes = [70_001, 5, 0, 16_384, 100_000, 1, 33_000, 0, 250, 16_385]
+    params = [leaf(torch.randn(n, generator=g)) for n in sizes]
+    opt = lrfuse.FusedSGD([{"params": params[0::2]}, {"params": params[1::2], "lr": 0.3}], lr=0.1, momentum=0.9,
+                          track_stats=True)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    before = [[p.detach().clone() for p in group["params"]] for group in opt.param_groups]
+    opt.step()
+    got, want = opt.group_stats(), _expected(before, opt)
+    for mine, theirs in zip(got, want):
+        for key in ("update_norm", "param_norm", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), (key, mine, theirs)
+
+
 def test_gradscaler_unscaled_norms_and_a_skipped_step():
     # A real GradScaler on the CPU: the kernel unscales, and a step with an inf gradient is
     # skipped and reports zeros, saying so.

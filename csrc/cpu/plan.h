@@ -93,15 +93,16 @@ class Plan {
 
   // visit(i, lo, hi, t): tile t, elements [lo, hi) of tensor i, from one thread. Tiles start at
   // fixed multiples of `tile` in each tensor, so what is summed per tile does not depend on the
-  // number of threads (run() splits the element space by it).
+  // number of threads. The threads split the element space as run() does, each taking the tiles
+  // that start in its share: by elements, not by tiles, since a small tensor is a whole tile.
   template <typename Visit>
   void run_tiles(const std::vector<int64_t>& first, int64_t tile, const Visit& visit) const {
-    at::parallel_for(0, first.back(), std::max<int64_t>(1, kGrainSize / tile), [&](int64_t begin, int64_t end) {
-      size_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-      for (int64_t t = begin; t < end; ++t) {
-        while (first[i + 1] <= t) ++i;
-        const int64_t lo = (t - first[i]) * tile;
-        visit(i, lo, std::min(walks_[i].numel, lo + tile), t);
+    at::parallel_for(0, offsets_.back(), kGrainSize, [&](int64_t begin, int64_t end) {
+      size_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+      for (; i < walks_.size() && offsets_[i] < end; ++i) {
+        const int64_t k0 = begin > offsets_[i] ? (begin - offsets_[i] + tile - 1) / tile : 0;
+        for (int64_t k = k0, lo = k0 * tile; lo < walks_[i].numel && offsets_[i] + lo < end; ++k, lo += tile)
+          visit(i, lo, std::min(walks_[i].numel, lo + tile), first[i] + k);
       }
     });
   }
