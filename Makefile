@@ -16,7 +16,7 @@ OLDEST_TORCH ?= torch==2.11.0
 OLDEST_LIGHTNING ?= lightning==2.6.0
 OLDEST := .oldest
 
-.PHONY: demo test test-ray test-others test-oldest docs bench clean
+.PHONY: demo test test-ray test-others test-oldest oldest-wheel oldest-tests docs bench clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lrfuse demo
@@ -52,8 +52,13 @@ TORCH_TESTS := tests/test_ops.py tests/test_parity.py tests/test_torch_suite.py 
 
 # Those tests against the oldest supported torch (CPU kernels), with lrfuse installed as a user
 # would: `python -m build` makes an sdist and, from it, a wheel (built against that torch), which
-# goes into a fresh venv; the tests then run from a copy of the tree against the installed wheel.
-test-oldest:
+# goes into a fresh venv (`oldest-wheel`); the tests then run from a copy of the tree against the
+# installed wheel. CI makes the wheel in the background while `make test` runs, then runs
+# `oldest-tests` alone.
+test-oldest: oldest-wheel
+	$(MAKE) --no-print-directory oldest-tests
+
+oldest-wheel:
 	rm -rf $(OLDEST)/src $(OLDEST)/dist && mkdir -p $(OLDEST)/src
 	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
 	$(MAKE) $(OLDEST)/venv/.deps VENV=$(OLDEST)/venv TORCH="$(OLDEST_TORCH)" PYTHON=$(PYTHON)
@@ -61,6 +66,9 @@ test-oldest:
 	cd $(OLDEST)/src && LRFUSE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} ../venv/bin/python -m build -q --no-isolation --outdir ../dist .
 	$(OLDEST)/venv/bin/python -m pip install -q --force-reinstall --no-deps $(OLDEST)/dist/lrfuse-*.whl
 	$(OLDEST)/venv/bin/python -m pip install -q "$$(ls $(OLDEST)/dist/lrfuse-*.whl)[test]" "$(OLDEST_LIGHTNING)"
+
+# The tests alone, against the wheel that `oldest-wheel` installed.
+oldest-tests:
 	# From outside the tree: the lrfuse that imports is the wheel's, with its compiled kernels.
 	cd / && $(abspath $(OLDEST))/venv/bin/python -c "import lrfuse, lrfuse.ops as o; \
 		assert 'site-packages' in lrfuse.__file__ and o.backend('cpu') == 'native', (lrfuse.__file__, o.backend('cpu')); \
