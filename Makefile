@@ -16,7 +16,7 @@ OLDEST_TORCH ?= torch==2.11.0
 OLDEST_LIGHTNING ?= lightning==2.6.0
 OLDEST := .oldest
 
-.PHONY: demo test test-ray test-others test-oldest oldest-wheel oldest-tests docs bench clean
+.PHONY: demo test test-ray test-others test-oldest oldest-wheel oldest-tests oldest-tests-a oldest-tests-b docs bench clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lrfuse demo
@@ -45,10 +45,11 @@ test-others: $(VENV)/.built
 # own (parity, torch's optim_db suite, drop-in edits, errors, state dicts, compile), AMP, and the
 # distributed tests (FSDP2, tensor parallel, DCP). The LR tools and the Ray search sit on top of
 # these and run once, in `make test`.
-TORCH_TESTS := tests/test_ops.py tests/test_parity.py tests/test_torch_suite.py tests/test_drop_in.py \
-	tests/test_errors.py tests/test_state_dict.py tests/test_step_cache.py tests/test_groups.py tests/test_stats.py \
-	tests/test_launch_plan.py tests/test_distributed.py tests/lightning/test_optimizers.py \
-	tests/lightning/test_precision.py tests/lightning/test_sharded.py
+# In two halves that run side by side, one per core (the distributed tests and the ops; the rest).
+TORCH_TESTS_a := tests/test_distributed.py tests/test_ops.py tests/test_stats.py tests/test_launch_plan.py \
+	tests/lightning/test_optimizers.py tests/lightning/test_precision.py tests/lightning/test_sharded.py
+TORCH_TESTS_b := tests/test_parity.py tests/test_torch_suite.py tests/test_drop_in.py tests/test_errors.py \
+	tests/test_state_dict.py tests/test_step_cache.py tests/test_groups.py
 
 # Those tests against the oldest supported torch (CPU kernels), with lrfuse installed as a user
 # would: `python -m build` makes an sdist and, from it, a wheel (built against that torch), which
@@ -73,8 +74,11 @@ oldest-tests:
 	cd / && $(abspath $(OLDEST))/venv/bin/python -c "import lrfuse, lrfuse.ops as o; \
 		assert 'site-packages' in lrfuse.__file__ and o.backend('cpu') == 'native', (lrfuse.__file__, o.backend('cpu')); \
 		print('wheel:', lrfuse.__file__)"
-	# pytest's script, not `python -m pytest`, which would put the tree's lrfuse/ first on sys.path.
-	cd $(OLDEST)/src && ../venv/bin/pytest $(TORCH_TESTS)
+	$(MAKE) --no-print-directory -j2 --output-sync=target oldest-tests-a oldest-tests-b
+
+# pytest's script, not `python -m pytest`, which would put the tree's lrfuse/ first on sys.path.
+oldest-tests-a oldest-tests-b: oldest-tests-%:
+	cd $(OLDEST)/src && ../venv/bin/pytest --basetemp=.pytest_cache/tmp-$* $(TORCH_TESTS_$*)
 
 # The docs site (MkDocs, strict) into site/: the README, docs/, and the API from the docstrings.
 docs: $(VENV)/.built
