@@ -86,7 +86,7 @@ def _private_temp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cuda_emulator():
-    """tests/cuda_emulator.cpp, compiled against the torch in use (~1 min, once).
+    """tests/cuda_emulator.cpp, compiled against the torch in use (~30 s, once).
 
     One build folder per torch version in the project's pytest cache: pytest-xdist's workers
     share it (torch's build lock makes one compile and the others wait and load), and a later
