@@ -75,7 +75,7 @@ class Plan {
   template <typename Visit>
   void run(const Visit& visit) const {
     at::parallel_for(0, offsets_.back(), kGrainSize, [&](int64_t begin, int64_t end) {
-      size_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+      size_t i = tensor_at(begin);
       for (; begin < end; ++i) {
         const int64_t stop = std::min(end, offsets_[i + 1]);
         if (stop > begin) visit(i, begin - offsets_[i], stop - offsets_[i]);
@@ -98,7 +98,7 @@ class Plan {
   template <typename Visit>
   void run_tiles(const std::vector<int64_t>& first, int64_t tile, const Visit& visit) const {
     at::parallel_for(0, offsets_.back(), kGrainSize, [&](int64_t begin, int64_t end) {
-      size_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+      size_t i = tensor_at(begin);
       for (; i < walks_.size() && offsets_[i] < end; ++i) {
         const int64_t k0 = begin > offsets_[i] ? (begin - offsets_[i] + tile - 1) / tile : 0;
         for (int64_t k = k0, lo = k0 * tile; lo < walks_[i].numel && offsets_[i] + lo < end; ++k, lo += tile)
@@ -144,6 +144,11 @@ class Plan {
   }
 
  private:
+  // The tensor that holds element `element` of the flat space (after finish()).
+  size_t tensor_at(int64_t element) const {
+    return std::upper_bound(offsets_.begin(), offsets_.end(), element) - offsets_.begin() - 1;
+  }
+
   static bool shares_dense_layout(const std::array<const at::Tensor*, kMaxOperands>& ops) {
     if (!ops[0]->is_non_overlapping_and_dense()) return false;
     for (int k = 1; k < kMaxOperands; ++k)
