@@ -1,9 +1,9 @@
 // Why a measured CPU step costs what it does: an Adam-like update on n floats, one thread, outside
-// torch, three ways: the plain loop; the sums in the update loop, as csrc/cpu/fused_optim.cpp now
-// does (`omp simd` lanes per 256-element block, fused multiply-adds, the non-finite count only for
-// a block whose squared-gradient sum is not finite); and the design it replaced (per block, a pass
-// that keeps the parameters and sums, the plain loop, a pass over the differences). Prints each
-// as a multiple of the plain loop, median of 31 runs, three rounds.
+// torch, three ways: the plain loop; the sums in the update loop, as csrc/cpu/loops.h does (16
+// fixed lanes, summed in float per 256-element block, then in double; fused multiply-adds; the
+// non-finite count only when the squared-gradient sum is not finite); and the design it replaced
+// (per block, a pass that keeps the parameters and sums, the plain loop, a pass over the
+// differences). Prints each as a multiple of the plain loop, median of 31 runs, three rounds.
 //
 //   g++ -O3 -fopenmp -fno-math-errno -ffp-contract=off -std=c++17 benchmarks/stats_loop_micro.cpp \
 //       -o /tmp/stats_loop_micro && /tmp/stats_loop_micro 4096 && /tmp/stats_loop_micro 16777216; rm /tmp/stats_loop_micro
@@ -22,6 +22,7 @@ namespace {
 
 struct Consts { float lerp_weight, beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, neg_step_size; };
 constexpr long kBlock = 256;
+constexpr int kLanes = 16;
 
 inline float lerp(float self, float end, float w) {  // rules/rule.h's: a select, not a branch
   const float small = std::fma(w, end - self, self), large = std::fma(w - 1.f, end - self, end);
@@ -42,21 +43,29 @@ CLONES void plain(long n, float* __restrict__ p, const float* __restrict__ g, fl
 
 CLONES void one_loop(long n, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                      float* __restrict__ v, Consts c, double* sums) {
+  double lanes[3][kLanes] = {};
   for (long s = 0; s < n; s += kBlock) {
     const long e = std::min(n, s + kBlock);
-    float u = 0, pp = 0, gg = 0;
-#pragma omp simd reduction(+ : u, pp, gg)
-    for (long i = s; i < e; ++i) {
+    float u[kLanes] = {}, pp[kLanes] = {}, gg[kLanes] = {};
+    const auto measured = [&](long i, int l) __attribute__((always_inline)) {
       const float before = p[i], gi = g[i], after = update(before, gi, m, v, i, c), d = after - before;
       p[i] = after;
-      u = std::fma(d, d, u);
-      pp = std::fma(before, before, pp);
-      gg = std::fma(gi, gi, gg);
+      u[l] = std::fma(d, d, u[l]);
+      pp[l] = std::fma(before, before, pp[l]);
+      gg[l] = std::fma(gi, gi, gg[l]);
+    };
+    long i = s;
+    for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) measured(i + l, l);
     }
-    sums[0] += u, sums[1] += pp, sums[2] += gg;
-    if (!std::isfinite(gg))
-      for (long i = s; i < e; ++i) sums[3] += !std::isfinite(g[i]);
+    for (int l = 0; i < e; ++i, ++l) measured(i, l);
+    for (int l = 0; l < kLanes; ++l) lanes[0][l] += u[l], lanes[1][l] += pp[l], lanes[2][l] += gg[l];
   }
+  for (int k = 0; k < 3; ++k)
+    for (int l = 0; l < kLanes; ++l) sums[k] += lanes[k][l];
+  if (!std::isfinite(sums[2]))
+    for (long i = 0; i < n; ++i) sums[3] += !std::isfinite(g[i]);
 }
 
 CLONES void keep_and_sum(long n, const float* __restrict__ p, const float* __restrict__ g, float* __restrict__ kept,

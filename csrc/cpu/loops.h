@@ -56,12 +56,15 @@ __attribute__((always_inline)) inline scalar_t update_element(int64_t i, opmath_
 // run time.
 //
 // A measured step (`sums`: fused_op.h's kStat columns) runs the same update with the sums in the
-// loop, in blocks of kStatsBlock elements: `omp simd` lets the lanes sum a block's few terms in the
-// math type (float32 rounding of a sum of 32 squares, not of thousands), and blocks add up in
-// double. The squares are fused multiply-adds, and the non-finite count is taken only for a block
-// whose squared-gradient sum is not finite (a NaN or inf gradient makes it so): three instructions
-// an element. A pass that keeps the parameters and two more loops around the plain one cost 1.5x
-// it in cache, this 1.35x (design note).
+// loop. Element i of a call adds its squares to lane i % kStatsLanes, and `omp simd` runs the
+// lanes as one vector (two or four on narrower instruction sets). The lanes sum a block of
+// kStatsBlock elements in the math type (float32 rounding of a sum of 16 squares, not of
+// thousands), then add into lanes of doubles, which are summed once, at the end of the call. The
+// lane count is fixed, not the vector width, so every instruction-set clone gives the same bits
+// (an `omp simd reduction` per block gave AVX2 and AVX-512 different sums; its cost was the same).
+// The squares are fused multiply-adds; the non-finite count is taken only when the call's
+// squared-gradient sum is not finite (a NaN or inf gradient makes it so).
+constexpr int kStatsLanes = 16;
 constexpr int64_t kStatsBlock = 256;
 
 template <typename scalar_t, bool kScaled>
@@ -88,26 +91,40 @@ LRFUSE_CPU_CLONES void flat(int64_t n, scalar_t* __restrict__ p, const scalar_t*
       p[i] = update_element<Rule, kFlags>(i, opmath_t(p[i]), gi * sign, s0, s1, s2, c);
     }
   } else {
+    double lanes[3][kStatsLanes] = {};  // update, parameter, gradient squares
     for (int64_t start = 0; start < n; start += kStatsBlock) {
       const int64_t end = std::min(n, start + kStatsBlock);
-      opmath_t update_sq = 0, param_sq = 0, grad_sq = 0;
-#pragma omp simd reduction(+ : update_sq, param_sq, grad_sq)
-      for (int64_t i = start; i < end; ++i) {
+      opmath_t update_sq[kStatsLanes] = {}, param_sq[kStatsLanes] = {}, grad_sq[kStatsLanes] = {};
+      const auto measured_update = [&](int64_t i, int lane) __attribute__((always_inline)) {
         const opmath_t before = p[i];
         opmath_t gi = g[i];
         if constexpr (kScaled) gi = gi / scale;
         const scalar_t after = update_element<Rule, kFlags>(i, before, gi * sign, s0, s1, s2, c);
         p[i] = after;
         const opmath_t d = static_cast<opmath_t>(after) - before;  // exact when below the weight
-        update_sq = std::fma(d, d, update_sq);
-        param_sq = std::fma(before, before, param_sq);
-        grad_sq = std::fma(gi, gi, grad_sq);
+        update_sq[lane] = std::fma(d, d, update_sq[lane]);
+        param_sq[lane] = std::fma(before, before, param_sq[lane]);
+        grad_sq[lane] = std::fma(gi, gi, grad_sq[lane]);
+      };
+      int64_t i = start;
+      for (; i + kStatsLanes <= end; i += kStatsLanes) {
+#pragma omp simd
+        for (int lane = 0; lane < kStatsLanes; ++lane) measured_update(i + lane, lane);
       }
-      sums[kUpdateSq] += update_sq;
-      sums[kParamSq] += param_sq;
-      sums[kGradSq] += grad_sq;
-      if (!std::isfinite(grad_sq)) sums[kNonfinite] += count_nonfinite<scalar_t, kScaled>(end - start, g + start, scale);
+      for (int lane = 0; i < end; ++i, ++lane) measured_update(i, lane);
+      for (int lane = 0; lane < kStatsLanes; ++lane) {
+        lanes[0][lane] += update_sq[lane];
+        lanes[1][lane] += param_sq[lane];
+        lanes[2][lane] += grad_sq[lane];
+      }
     }
+    double total[3] = {};
+    for (int k = 0; k < 3; ++k)
+      for (int lane = 0; lane < kStatsLanes; ++lane) total[k] += lanes[k][lane];
+    sums[kUpdateSq] += total[0];
+    sums[kParamSq] += total[1];
+    sums[kGradSq] += total[2];
+    if (!std::isfinite(total[2])) sums[kNonfinite] += count_nonfinite<scalar_t, kScaled>(n, g, scale);
   }
 }
 
