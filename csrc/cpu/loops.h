@@ -66,6 +66,11 @@ __attribute__((always_inline)) inline scalar_t update_element(int64_t i, opmath_
 // squared-gradient sum is not finite (a NaN or inf gradient makes it so).
 constexpr int kStatsLanes = 16;
 constexpr int64_t kStatsBlock = 256;
+// Out of cache, the measured loop asks for the lines 4 KB ahead of it: with its sums it has more
+// instructions between loads than the plain loop, so fewer of its loads are in flight, and one
+// core streamed slower (16M floats, stats/plain 1.10-1.15x for SGD and Adam on a 2-vCPU Xeon;
+// with these prefetches 0.96-0.97x and 1.03-1.05x). The plain loop has not been tried with them.
+constexpr int64_t kPrefetchAhead = 1024;
 
 template <typename scalar_t, bool kScaled>
 int64_t count_nonfinite(int64_t n, const scalar_t* g, at::opmath_type<scalar_t> scale) {
@@ -108,6 +113,13 @@ LRFUSE_CPU_CLONES void flat(int64_t n, scalar_t* __restrict__ p, const scalar_t*
       };
       int64_t i = start;
       for (; i + kStatsLanes <= end; i += kStatsLanes) {
+        if (i + kPrefetchAhead < n) {  // a cache line of each stream, 16 floats
+          __builtin_prefetch(p + i + kPrefetchAhead, 1);
+          __builtin_prefetch(g + i + kPrefetchAhead, 0);
+          if (s0) __builtin_prefetch(s0 + i + kPrefetchAhead, 1);
+          if (s1) __builtin_prefetch(s1 + i + kPrefetchAhead, 1);
+          if (s2) __builtin_prefetch(s2 + i + kPrefetchAhead, 1);
+        }
 #pragma omp simd
         for (int lane = 0; lane < kStatsLanes; ++lane) measured_update(i + lane, lane);
       }
