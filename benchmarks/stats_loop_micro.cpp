@@ -1,9 +1,10 @@
 // Why a measured CPU step costs what it does: an Adam-like update on n floats, one thread, outside
 // torch, three ways: the plain loop; the sums in the update loop, as csrc/cpu/loops.h does (16
 // fixed lanes, summed in float per 256-element block, then in double; fused multiply-adds; the
-// non-finite count only when the squared-gradient sum is not finite); and the design it replaced
-// (per block, a pass that keeps the parameters and sums, the plain loop, a pass over the
-// differences). Prints each as a multiple of the plain loop, median of 31 runs, three rounds.
+// non-finite count only when the squared-gradient sum is not finite; prefetches 4 KB ahead); and
+// the design it replaced (per block, a pass that keeps the parameters and sums, the plain loop, a
+// pass over the differences). Prints each as a multiple of the plain loop, median of 31 runs,
+// three rounds.
 //
 //   g++ -O3 -fopenmp -fno-math-errno -ffp-contract=off -std=c++17 benchmarks/stats_loop_micro.cpp \
 //       -o /tmp/stats_loop_micro && /tmp/stats_loop_micro 4096 && /tmp/stats_loop_micro 16777216; rm /tmp/stats_loop_micro
@@ -23,6 +24,7 @@ namespace {
 struct Consts { float lerp_weight, beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, neg_step_size; };
 constexpr long kBlock = 256;
 constexpr int kLanes = 16;
+constexpr long kAhead = 1024;
 
 inline float lerp(float self, float end, float w) {  // rules/rule.h's: a select, not a branch
   const float small = std::fma(w, end - self, self), large = std::fma(w - 1.f, end - self, end);
@@ -56,6 +58,10 @@ CLONES void one_loop(long n, float* __restrict__ p, const float* __restrict__ g,
     };
     long i = s;
     for (; i + kLanes <= e; i += kLanes) {
+      if (i + kAhead < n) {  // loops.h's kPrefetchAhead: a line of each stream, 4 KB ahead
+        __builtin_prefetch(p + i + kAhead, 1), __builtin_prefetch(g + i + kAhead, 0);
+        __builtin_prefetch(m + i + kAhead, 1), __builtin_prefetch(v + i + kAhead, 1);
+      }
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) measured(i + l, l);
     }
