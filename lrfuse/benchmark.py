@@ -191,7 +191,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     the differences being measured. Blocks of about ``block_s`` seconds, one per function per
     pass and the order reversed every other pass, put every function under the same drift, so
     the ratios of their medians hold even while the absolute times move. Passes continue until
-    each function has had about ``min_run_time`` seconds, and at least ``min_passes``.
+    each function has had about ``min_run_time`` seconds, and at least ``min_passes``. Each
+    function's ``per_block_s`` lists its seconds per call block by block, in pass order, so two
+    functions can be compared pass by pass.
     """
     per_call = {name: _block(fn, 1, device) for name, fn in fns.items()}
     number = {name: max(1, int(block_s / t)) for name, t in per_call.items()}
@@ -212,7 +214,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     for name, times in samples.items():
         q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         out[name] = {"median_s": statistics.median(times), "min_s": min(times), "iqr_s": q[2] - q[0],
-                     "blocks": len(times), "calls_per_block": number[name]}
+                     "blocks": len(times), "calls_per_block": number[name], "per_block_s": times}
     return out
 
 
@@ -340,8 +342,13 @@ class Row:
         return out
 
     def stats_cost(self) -> float | None:
-        """How much longer a step with ``track_stats=True`` takes (0.03: 3%), if timed."""
-        return self.median(STATS) / self.median("lrfuse") - 1 if STATS in self.times else None
+        """How much longer a step with ``track_stats=True`` takes (0.03: 3%), if timed: the median
+        over passes of its block's time over plain lrfuse's, timed next to it in the same pass
+        (a pair shares the machine's state of the moment; medians taken apart do not)."""
+        if STATS not in self.times:
+            return None
+        pairs = zip(self.times[STATS]["per_block_s"], self.times["lrfuse"]["per_block_s"])
+        return statistics.median(mine / plain for mine, plain in pairs) - 1
 
 
 def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: Sequence[str] = OPTIMIZERS,

@@ -34,6 +34,28 @@ def test_quick_run_reports_every_workload_and_optimizer(tmp_path, capsys):
     assert "| workload |" in capsys.readouterr().out
 
 
+def test_stats_rows_time_the_measured_step_beside_the_plain_one(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--quick", "--stats", "--workloads", "tiny", "--optimizers", "FusedSGD", "--threads", "1",
+                           "--min-run-time", "0.002", "--bandwidth-numel", "65536", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    plain, measured = row["times"]["lrfuse"], row["times"][benchmark.STATS]
+    assert len(plain["per_block_s"]) == len(measured["per_block_s"]) == plain["blocks"]
+    assert row["stats_cost"] > -1 and benchmark.STATS not in row["ratios"]
+    assert "stats " in capsys.readouterr().out
+
+
+def test_stats_cost_pairs_the_blocks_of_one_pass():
+    # The machine slows 3x halfway; each pass's stats block is 10% over the plain one beside it.
+    plain = [1.0] * 5 + [3.0] * 6
+    row = benchmark.Row("tiny", "FusedAdam", 1, 1, 1, 28, times={
+        "lrfuse": {"median_s": 3.0, "per_block_s": plain},
+        benchmark.STATS: {"median_s": 3.3, "per_block_s": [1.1 * t for t in plain]}})
+    assert row.stats_cost() == pytest.approx(0.10)
+    row.times.pop(benchmark.STATS)
+    assert row.stats_cost() is None
+
+
 def test_unknown_workload_is_rejected():
     with pytest.raises(SystemExit):
         benchmark.main(["--workloads", "huge"])
