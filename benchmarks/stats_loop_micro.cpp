@@ -1,16 +1,18 @@
 // Why a measured CPU step costs what it does: an Adam-like update on n floats, one thread, outside
 // torch, three ways: the plain loop; the sums in the update loop, as csrc/cpu/loops.h does (16
-// fixed lanes, summed in float per 256-element block, then in double; fused multiply-adds; the
+// fixed lanes, summed in float per 256-element block, then added into double lanes as vectors; fused multiply-adds; the
 // non-finite count only when the squared-gradient sum is not finite; prefetches 4 KB ahead); and
 // the design it replaced (per block, a pass that keeps the parameters and sums, the plain loop, a
-// pass over the differences). Prints each as a multiple of the plain loop, median of 31 runs,
-// three rounds.
+// pass over the differences). Prints each as a multiple of the plain loop: the median of many runs
+// taken in turn, three rounds.
 //
 //   g++ -O3 -fopenmp -fno-math-errno -ffp-contract=off -std=c++17 benchmarks/stats_loop_micro.cpp \
 //       -o /tmp/stats_loop_micro && /tmp/stats_loop_micro 4096 && /tmp/stats_loop_micro 16777216; rm /tmp/stats_loop_micro
 //
 // (The flags are setup.py's; the clones are cpu_isa.h's.)
 #include <algorithm>
+#include <array>
+#include <functional>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -66,6 +68,7 @@ CLONES void one_loop(long n, float* __restrict__ p, const float* __restrict__ g,
       for (int l = 0; l < kLanes; ++l) measured(i + l, l);
     }
     for (int l = 0; i < e; ++i, ++l) measured(i, l);
+#pragma omp simd
     for (int l = 0; l < kLanes; ++l) lanes[0][l] += u[l], lanes[1][l] += pp[l], lanes[2][l] += gg[l];
   }
   for (int k = 0; k < 3; ++k)
@@ -104,31 +107,41 @@ void three_loops(long n, float* p, const float* g, float* m, float* v, Consts c,
   }
 }
 
-template <typename F>
-double median_ms(F f) {
-  std::vector<double> t;
-  for (int r = 0; r < 31; ++r) {
-    const auto start = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+// Median milliseconds of each of `fs`, run in turn `reps` times: on a shared machine, runs of
+// one variant after another drift apart by more than the variants differ.
+template <size_t K>
+std::array<double, K> interleaved_ms(int reps, const std::array<std::function<void()>, K>& fs) {
+  std::array<std::vector<double>, K> t;
+  for (int r = 0; r < reps; ++r)
+    for (size_t j = 0; j < K; ++j) {
+      const size_t v = (j + r) % K;  // a different one first each time
+      const auto start = std::chrono::steady_clock::now();
+      fs[v]();
+      t[v].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+  std::array<double, K> median;
+  for (size_t j = 0; j < K; ++j) {
+    std::sort(t[j].begin(), t[j].end());
+    median[j] = t[j][t[j].size() / 2];
   }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const long n = argc > 1 ? std::atol(argv[1]) : 1 << 20;
+  const int reps = static_cast<int>(std::clamp(2e8 / double(n), 15.0, 3000.0));
   std::vector<float> p(n), g(n), m(n, 0.f), v(n, 0.f);
   for (long i = 0; i < n; ++i) p[i] = 0.5f + 1e-3f * (i % 100), g[i] = 0.1f - 1e-3f * (i % 37);
   const Consts c{0.1f, 0.999f, 0.001f, 1.2f, 1e-8f, -1e-3f};
   double sums[4] = {};
   for (int round = 0; round < 3; ++round) {
-    const double base = median_ms([&] { plain(n, p.data(), g.data(), m.data(), v.data(), c); });
-    const double one = median_ms([&] { one_loop(n, p.data(), g.data(), m.data(), v.data(), c, sums); });
-    const double three = median_ms([&] { three_loops(n, p.data(), g.data(), m.data(), v.data(), c, sums); });
-    std::printf("n=%ld plain %.3f ms; measured: one loop %.2fx, three loops %.2fx\n", n, base, one / base, three / base);
+    const auto ms = interleaved_ms<3>(reps, {[&] { plain(n, p.data(), g.data(), m.data(), v.data(), c); },
+                                             [&] { one_loop(n, p.data(), g.data(), m.data(), v.data(), c, sums); },
+                                             [&] { three_loops(n, p.data(), g.data(), m.data(), v.data(), c, sums); }});
+    std::printf("n=%ld plain %.3f ms; measured: one loop %.3fx, three loops %.3fx\n", n, ms[0], ms[1] / ms[0],
+                ms[2] / ms[0]);
   }
   return sums[0] < 0;  // keeps the sums live
 }
