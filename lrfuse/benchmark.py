@@ -60,7 +60,7 @@ BENCHED = {
 OPTIMIZERS = tuple(BENCHED)
 
 # The torch implementations compared, as constructor flags.
-STATS = "lrfuse_stats"  # lrfuse with track_stats=True, timed beside plain lrfuse with --stats
+STATS = "lrfuse_stats"  # with --stats: plain lrfuse's optimizer stepping with track_stats=True
 _TORCH_IMPLS: dict[str, dict] = {
     "forloop": {"foreach": False},
     "foreach": {"foreach": True},
@@ -158,19 +158,19 @@ def _fresh_groups(work: Workload, device: torch.device, seed: int) -> list[dict]
 
 
 def _build(optimizer: str, impl: str, groups: list[dict]) -> torch.optim.Optimizer:
-    if impl in ("lrfuse", STATS):
+    if impl == "lrfuse":
         import lrfuse
 
-        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR, track_stats=impl == STATS, **BENCHED[optimizer].kwargs)
+        return getattr(lrfuse, optimizer)(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs)
     cls = getattr(torch.optim, BENCHED[optimizer].torch_class)
     return cls(groups, lr=_BASE_LR, **BENCHED[optimizer].kwargs, **_TORCH_IMPLS[impl])
 
 
-def _impls_for(optimizer: str, device: torch.device, stats: bool = False) -> list[str]:
+def _impls_for(optimizer: str, device: torch.device) -> list[str]:
     impls = ["forloop", "foreach"] if device.type == "cpu" else ["foreach"]
     if device.type in BENCHED[optimizer].fused_on:
         impls.append("fused")
-    return ["lrfuse"] + [STATS] * stats + impls
+    return ["lrfuse"] + impls
 
 
 def _block(fn: Callable[[], object], number: int, device: torch.device) -> float:
@@ -218,13 +218,26 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return out
 
 
-def _ready_step(optimizer: str, impl: str, work: Workload, device: torch.device, warmup: int = 3,
-                seed: int = 0) -> Callable[[], object]:
-    """``step`` of an optimizer on fresh random parameters with random gradients, its state created."""
+def _ready_steps(optimizer: str, impl: str, work: Workload, device: torch.device, stats: bool = False,
+                 warmup: int = 3, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """``step`` of an optimizer on fresh random parameters with random gradients, its state
+    created; with ``stats`` (lrfuse only), also a step of the same optimizer with
+    ``track_stats=True``. The two share the tensors: copies of 2,000 small tensors land at other
+    addresses, and that alone moved a row by 5-10% from one process to the next."""
     opt = _build(optimizer, impl, _fresh_groups(work, device, seed))
     for _ in range(warmup):  # the first step creates the state
         opt.step()
-    return opt.step
+    if not stats:
+        return {impl: opt.step}
+
+    def step(measured: bool) -> Callable[[], object]:
+        def run():
+            opt.track_stats = measured
+            return opt.step()
+        return run
+
+    step(True)()  # the stats table
+    return {impl: step(False), STATS: step(True)}
 
 
 class BandwidthProbe:
@@ -361,7 +374,8 @@ def run(device: str = "cpu", workloads: Sequence[str] = WORKLOADS, optimizers: S
     copy of the same random parameters, and are timed by :func:`time_interleaved`: about
     ``min_run_time`` seconds each, in short alternating blocks, so drift on a shared machine hits
     them alike. The row's bandwidth is the probe's median from the same blocks. ``stats`` adds
-    lrfuse with ``track_stats=True`` to the row (its cost: ``stats_cost`` in each row).
+    plain lrfuse's optimizer stepping with ``track_stats=True`` (the same tensors) to the row (its
+    cost: ``stats_cost`` in each row).
     """
     with torch_threads(threads) as threads:  # the caller's thread count comes back afterwards
         return _run(torch.device(device), workloads, optimizers, threads, min_run_time, quick, large_params,
@@ -389,7 +403,8 @@ def _run(dev: torch.device, workloads: Sequence[str], optimizers: Sequence[str],
                 raise ValueError(f"unknown optimizer {oname!r}; choose from {', '.join(OPTIMIZERS)}")
             row = Row(wname, oname, work.num_params, work.num_tensors, len(work.groups),
                       BENCHED[oname].bytes_per_param)
-            fns = {impl: _ready_step(oname, impl, work, dev) for impl in _impls_for(oname, dev, stats)}
+            fns = {name: fn for impl in _impls_for(oname, dev)
+                   for name, fn in _ready_steps(oname, impl, work, dev, stats and impl == "lrfuse").items()}
             timed = time_interleaved({**fns, "bandwidth": probe.fn}, dev, min_run_time)
             row.bandwidth_gbps = probe.nbytes / timed.pop("bandwidth")["median_s"] / 1e9
             row.times = timed
