@@ -222,8 +222,8 @@ def _ready_steps(optimizer: str, impl: str, work: Workload, device: torch.device
                  warmup: int = 3, seed: int = 0) -> dict[str, Callable[[], object]]:
     """``step`` of an optimizer on fresh random parameters with random gradients, its state
     created; with ``stats`` (lrfuse only), also a step of the same optimizer with
-    ``track_stats=True``. The two share the tensors: copies of 2,000 small tensors land at other
-    addresses, and that alone moved a row by 5-10% from one process to the next."""
+    ``track_stats=True``. The two share the tensors, so the flag is the only difference between
+    them (a second copy of 2,000 small tensors sits at other addresses)."""
     opt = _build(optimizer, impl, _fresh_groups(work, device, seed))
     for _ in range(warmup):  # the first step creates the state
         opt.step()
