@@ -1,7 +1,8 @@
 // Why a measured CPU step costs what it does: an Adam-like update on n floats, one thread, outside
 // torch, three ways: the plain loop; the sums in the update loop, as csrc/cpu/loops.h does (16
-// fixed lanes, summed in float per 256-element block, then added into double lanes as vectors; fused multiply-adds; the
-// non-finite count only when the squared-gradient sum is not finite; prefetches 4 KB ahead); and
+// fixed lanes, summed in float per 256-element block, then added into double lanes as vectors;
+// fused multiply-adds; the non-finite count only when the squared-gradient sum is not finite;
+// prefetches 4 KB ahead); and
 // the design it replaced (per block, a pass that keeps the parameters and sums, the plain loop, a
 // pass over the differences). Prints each as a multiple of the plain loop: the median of many runs
 // taken in turn, three rounds.
@@ -12,11 +13,11 @@
 // (The flags are setup.py's; the clones are cpu_isa.h's.)
 #include <algorithm>
 #include <array>
-#include <functional>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <vector>
 
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))

@@ -74,7 +74,8 @@ constexpr int64_t kStatsBlock = 256;
 // Out of cache, the measured loop asks for the lines 4 KB ahead of it: with its sums it has more
 // instructions between loads than the plain loop, so fewer of its loads are in flight, and one
 // core streamed slower (16M floats, stats/plain 1.10-1.15x for SGD and Adam on a 2-vCPU Xeon;
-// with these prefetches 0.96-0.97x and 1.03-1.05x). The plain loop has not been tried with them.
+// with these prefetches 0.96-0.97x and 1.03-1.05x). The plain loop has none yet: in the micro
+// they sped it up out of cache and slowed it in cache (design note).
 constexpr int64_t kPrefetchAhead = 1024;
 
 template <typename scalar_t, bool kScaled>
